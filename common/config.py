@@ -189,6 +189,10 @@ class RewardConfig(_Section):
         "tiny", description="`tiny`: a seeded tiny VLM built on the spot; `local`: load `model_path`."
     )
     model_path: Path | None = F(None, description="Local folder of the IQA VLM (model_kind=local).", unit="path")
+    tiny_seed: int = F(0, description="Seed of the tiny VLM's random weights (model_kind=tiny).")
+    cache_dir: Path = F(
+        Path(".cache/restore-rl"), description="Where built tiny models are cached (reused across runs).", unit="path"
+    )
     preset: Literal["llava", "llava_onevision", "qwen2_vl", "text_number"] = F(
         "llava", description="Prompt/level-token preset of the VLM family."
     )
@@ -229,6 +233,8 @@ class RewardConfig(_Section):
     def _check(self) -> "RewardConfig":
         if self.backend in ("vllm", "transformers") and self.model_kind == "local" and self.model_path is None:
             raise ValueError("model_kind=local needs `model_path`")
+        if self.backend in ("vllm", "transformers") and self.model_kind == "tiny" and self.preset != "llava":
+            raise ValueError(f"model_kind=tiny builds a LLaVA-style VLM: preset must be 'llava', got {self.preset!r}")
         if self.autoscaling and self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         if self.max_ongoing_requests < self.max_batch_size:
