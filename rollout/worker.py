@@ -1,0 +1,153 @@
+"""RolloutWorker: a Ray actor that holds a policy and samples trajectories (DESIGN.md §1).
+
+The class is plain Python (testable in-process); :func:`create_rollout_workers` wraps it with
+``ray.remote`` and the resources of the rollout section of the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from common.config import AlgorithmConfig, DataConfig, ModelConfig, RolloutConfig
+from common.data import build_dataset
+from common.policy import build_policy
+from common.types import Trajectory
+from rollout.reward_sink import RewardSink
+from rollout.sampler import SamplerSettings, sample_trajectories
+
+__all__ = ["RolloutWorker", "StaleWeightsError", "sampler_settings", "create_rollout_workers"]
+
+log = logging.getLogger(__name__)
+
+
+class StaleWeightsError(RuntimeError):
+    """Weights whose version does not move forward: a missed or reordered sync."""
+
+
+def sampler_settings(rollout: RolloutConfig, algorithm: AlgorithmConfig) -> SamplerSettings:
+    return SamplerSettings(
+        num_inference_steps=rollout.num_inference_steps,
+        eta=rollout.eta,
+        samples_per_input=rollout.samples_per_input,
+        reward_steps=algorithm.reward_steps,
+        policy_target=algorithm.policy_target,
+    )
+
+
+class RolloutWorker:
+    """Holds one policy replica and the training inputs; samples on request.
+
+    Args:
+        worker_index: rank among the rollout workers (metrics tag, logs).
+        model_cfg, resolution: what :func:`common.policy.build_policy` needs.
+        data_cfg: the dataset to look inputs up in (by id: only ids cross the wire).
+        settings: K, η, G, reward steps, policy target.
+        seed: base seed of the sampling noise.
+        reward_sink_factory: builds the sink the reward-step images go to (called once, in
+            the actor); None: rewards stay NaN (SFT, or reconstruction reward in the learner).
+    """
+
+    def __init__(
+        self,
+        worker_index: int,
+        model_cfg: ModelConfig,
+        data_cfg: DataConfig,
+        settings: SamplerSettings,
+        seed: int,
+        reward_sink_factory: Callable[[], RewardSink] | None = None,
+    ):
+        self.worker_index = worker_index
+        self.settings = settings
+        self.seed = seed
+        self.policy = build_policy(model_cfg, data_cfg.resolution).eval()
+        self.dataset = build_dataset(data_cfg, "train")
+        self.sink = reward_sink_factory() if reward_sink_factory is not None else None
+        self.version = 0
+        self._metrics = self._make_metrics()
+
+    def _make_metrics(self) -> dict[str, Any] | None:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        from common.telemetry import ray_metric
+
+        tags = {"worker": str(self.worker_index)}
+        m = {name: ray_metric(name, tags) for name in
+             ("rollout_trajectories_total", "rollout_denoise_steps_total", "rollout_trajectory_seconds")}
+        m["policy_version"] = ray_metric("policy_version", {"role": f"rollout-{self.worker_index}"})
+        return m
+
+    # -- weights -----------------------------------------------------------------------------
+    def set_weights(self, version: int, state: dict[str, torch.Tensor]) -> int:
+        """Load trainable weights of ``version`` (must be newer than what this worker holds)."""
+        if version <= self.version:
+            raise StaleWeightsError(
+                f"rollout worker {self.worker_index}: got weights version {version}, holds {self.version}; "
+                "versions must increase"
+            )
+        self.policy.load_trainable_state_dict(state)
+        self.version = version
+        if self._metrics:
+            self._metrics["policy_version"].set(version)
+        return version
+
+    def policy_version(self) -> int:
+        return self.version
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors this worker holds (tests compare them with the learner's)."""
+        return self.policy.trainable_state_dict(clone=True)
+
+    # -- sampling ----------------------------------------------------------------------------
+    def num_inputs(self) -> int:
+        return len(self.dataset)
+
+    def sample(self, input_ids: Sequence[int], round_index: int = 0) -> Trajectory:
+        """Sample G trajectories for each input id; the trajectory carries this worker's version."""
+        if len(input_ids) == 0:
+            raise ValueError("sample: no input ids")
+        bad = [i for i in input_ids if not 0 <= int(i) < len(self.dataset)]
+        if bad:
+            raise IndexError(f"sample: input ids {bad} outside the dataset of {len(self.dataset)} pairs")
+        control = np.stack([self.dataset[int(i)].lq for i in input_ids])  # uint8 [N, H, W, 3]
+        t0 = time.perf_counter()
+        traj = sample_trajectories(
+            self.policy, control, [int(i) for i in input_ids], self.settings,
+            policy_version=self.version, seed=self.seed, round_index=round_index, sink=self.sink,
+        )
+        if self._metrics:
+            B = traj.batch_size
+            self._metrics["rollout_trajectories_total"].inc(B)
+            self._metrics["rollout_denoise_steps_total"].inc(B * traj.num_steps)
+            self._metrics["rollout_trajectory_seconds"].observe(time.perf_counter() - t0)
+        return traj
+
+
+def create_rollout_workers(
+    rollout: RolloutConfig,
+    algorithm: AlgorithmConfig,
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    reward_sink_factory: Callable[[], RewardSink] | None = None,
+    placement_group: Any = None,
+) -> list[Any]:
+    """Start ``rollout.num_workers`` RolloutWorker actors (one bundle each in ``placement_group``)."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    settings = sampler_settings(rollout, algorithm)
+    actors = []
+    for i in range(rollout.num_workers):
+        opts: dict[str, Any] = {"num_cpus": rollout.num_cpus_per_worker, "num_gpus": rollout.num_gpus_per_worker}
+        if placement_group is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=placement_group, placement_group_bundle_index=i)
+        actor_cls = ray.remote(RolloutWorker).options(**opts)
+        actors.append(actor_cls.remote(i, model_cfg, data_cfg, settings, rollout.seed, reward_sink_factory))
+    return actors
