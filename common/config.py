@@ -168,6 +168,10 @@ class RolloutConfig(_Section):
     num_workers: int = F(2, description="RolloutWorker actors.", unit="actors", ge=1)
     num_gpus_per_worker: float = F(0.0, description="GPUs per rollout worker (0 on CPU).", unit="GPUs", ge=0)
     num_cpus_per_worker: float = F(1.0, description="CPUs reserved per rollout worker.", unit="CPUs", ge=0)
+    custom_resources: dict[str, float] = F(
+        {}, description="Extra Ray resources per worker, e.g. {rollout_gpu: 1} to land on a KubeRay worker group.",
+        unit="resource units",
+    )
     num_inference_steps: int = F(8, description="DDIM steps K per trajectory.", unit="steps", ge=1)
     eta: float = F(1.0, description="DDIM η (0 = deterministic DDIM; RL needs η > 0).", ge=0, le=1)
     samples_per_input: int = F(2, description="Samples G drawn per input image.", unit="samples", ge=1)
@@ -211,6 +215,10 @@ class RewardConfig(_Section):
     target_ongoing_requests: float = F(16.0, description="Autoscaling target per replica.", unit="requests", gt=0)
     num_gpus_per_replica: float = F(0.0, description="GPUs per reward replica.", unit="GPUs", ge=0)
     num_cpus_per_replica: float = F(1.0, description="CPUs per reward replica.", unit="CPUs", ge=0)
+    custom_resources: dict[str, float] = F(
+        {}, description="Extra Ray resources per replica, e.g. {reward_gpu: 1} (KubeRay worker group).",
+        unit="resource units",
+    )
     tensor_parallel_size: int = F(1, description="vLLM tensor-parallel size per replica.", unit="GPUs", ge=1)
     max_batch_size: int = F(16, description="@serve.batch max batch size.", unit="images", ge=1)
     batch_wait_timeout_s: float = F(0.05, description="@serve.batch wait for a batch to fill.", unit="s", ge=0)
@@ -316,6 +324,10 @@ class LearnerConfig(_Section):
     num_learners: int = F(1, description="Data-parallel learner actors.", unit="actors", ge=1)
     num_gpus_per_learner: float = F(0.0, description="GPUs per learner.", unit="GPUs", ge=0)
     num_cpus_per_learner: float = F(1.0, description="CPUs per learner.", unit="CPUs", ge=0)
+    custom_resources: dict[str, float] = F(
+        {}, description="Extra Ray resources per learner, e.g. {learner_gpu: 1} (KubeRay worker group).",
+        unit="resource units",
+    )
     lr: float = F(1e-4, description="AdamW learning rate.", unit="1/step", gt=0)
     weight_decay: float = F(1e-4, description="AdamW weight decay.", ge=0)
     adam_betas: tuple[float, float] = F((0.9, 0.999), description="AdamW betas.")
