@@ -221,7 +221,7 @@ class RewardConfig(_Section):
     )
     tensor_parallel_size: int = F(1, description="vLLM tensor-parallel size per replica.", unit="GPUs", ge=1)
     max_batch_size: int = F(16, description="@serve.batch max batch size.", unit="images", ge=1)
-    batch_wait_timeout_s: float = F(0.05, description="@serve.batch wait for a batch to fill.", unit="s", ge=0)
+    batch_wait_timeout_s: float = F(0.01, description="@serve.batch wait for a batch to fill.", unit="s", ge=0)
     max_ongoing_requests: int = F(
         64, description="Per-replica request cap (must be >= max_batch_size for full batches).", unit="requests", ge=1
     )

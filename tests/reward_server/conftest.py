@@ -75,3 +75,77 @@ def vllm_scorer(tiny_vlm_dir: Path):
     core = getattr(scorer.llm.llm_engine, "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
         core.shutdown()
+
+
+# ------------------------------------------------------------------ reward service (Serve, HTTP)
+@pytest.fixture
+def unused_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (nothing listens on it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def piqe_scorer():
+    """pyiqa's PIQE (hand-crafted, no weights): the fast real scorer of the service tests."""
+    from reward_server.scoring import PyIQAScorer
+
+    return PyIQAScorer("piqe")
+
+
+@pytest.fixture(scope="session")
+def distinct_images(piqe_scorer) -> list[np.ndarray]:
+    """32 images 64×64 (sinusoids + seeded noise of growing strength) whose PIQE scores are
+    pairwise at least 1e-4 apart: a score returned for the wrong image cannot go unnoticed."""
+    rng = np.random.default_rng(1234)
+    yy, xx = np.mgrid[0:64, 0:64] / 64
+    kept: list[np.ndarray] = []
+    scores: list[float] = []
+    for i in range(96):
+        wave = np.sin(2 * np.pi * (xx * (1 + i % 5) + yy * (1 + i // 5 % 4)))
+        base = 128 + 100 * wave[..., None] * np.array([1.0, 0.8, 0.6])
+        image = np.clip(base + rng.normal(0, 2 + 3 * (i % 32), (64, 64, 3)), 0, 255).astype(np.uint8)
+        s = float(piqe_scorer.score([image]).scores[0])
+        if all(abs(s - t) >= 1e-4 for t in scores):
+            kept.append(image)
+            scores.append(s)
+        if len(kept) == 32:
+            return kept
+    raise AssertionError(f"only {len(kept)} images with distinct PIQE scores")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray on loopback (ENVIRONMENT.md), shared with other test packages.
+
+    Started here only if no one has started it yet, with the same settings as
+    tests/rollout/conftest.py (whichever package runs first starts it for both); shut down at
+    the end of the session only if it was started here.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    started = False
+    if not ray.is_initialized():
+        ray.init(_node_ip_address="127.0.0.2", num_cpus=4, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+        started = True
+    yield ray
+    if started and ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_session(ray_cluster):
+    """Ray Serve without an HTTP proxy (the job uses handles); shut down at session end. Test
+    modules delete their own apps when they finish, so replicas never outlive their module."""
+    from ray import serve
+
+    serve.start(proxy_location="Disabled")
+    yield serve
+    if ray_cluster.is_initialized():  # another package's fixture may have shut Ray down already
+        serve.shutdown()

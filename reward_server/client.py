@@ -1,0 +1,442 @@
+"""What rollout workers call to get rewards: :class:`RewardClient`, a :class:`RewardSink`.
+
+``submit`` returns at once; the images are scored in the background while the sampler keeps
+denoising, and ``gather`` waits for the scores (DESIGN.md §1). Two transports:
+
+* **Serve** (inside the job): one ``DeploymentHandle.score`` call per image, numpy arrays passed
+  as they are — the deployment's ``@serve.batch`` batches images from every worker.
+* **HTTP** (an external reward server, ``reward.endpoint``): one ``POST /score`` per chunk of
+  ``max_images_per_request`` images, the msgpack body of DESIGN.md §3, bearer token if set.
+
+Failures: each request (an image on Serve, a chunk on HTTP) is retried with exponential backoff
+and full jitter while its deadline (``timeout_s`` from ``submit``, retries included) and
+``max_retries`` allow — but only retryable errors: connection errors, 503 (its Retry-After is
+honoured), other 5xx, a replica that died, Serve back-pressure. A 4xx (bad input) fails at once.
+A score that cannot be obtained raises :class:`RewardError` naming the image ids; a non-finite
+score, or ids that come back different from the ids sent, are errors too — never a silent 0.
+
+    client = RewardClient.from_handle(handle, timeout_s=60, max_retries=3)
+    h = client.submit(images, ids)        # uint8 [N, H, W, 3]; returns at once
+    scores, = client.gather([h])          # float32 [N] in [0, 1]
+
+Inside Ray actors, build it with :func:`make_reward_sink_factory` (a picklable zero-arg
+callable the RolloutWorker calls in its constructor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import math
+import random
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, Self
+
+import numpy as np
+
+from rollout.reward_sink import RewardError
+
+__all__ = [
+    "HTTPTransport",
+    "RewardClient",
+    "RewardError",
+    "RewardSinkFactory",
+    "ServeTransport",
+    "make_reward_sink_factory",
+]
+
+
+class _Retryable(Exception):
+    """A failure worth another attempt (server-side, transient)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class _Fatal(Exception):
+    """A failure another attempt cannot fix (bad input, protocol mismatch, garbage scores)."""
+
+
+def _check_scores(
+    ids: Sequence[str], got_ids: Sequence[str], scores: Sequence[float]
+) -> np.ndarray:
+    """Echoed ids must equal the ids sent (same order); scores finite, in [0, 1]."""
+    if list(got_ids) != list(ids):
+        raise _Fatal(
+            f"the service answered for ids {_show(got_ids)}, not the ids sent {_show(ids)}"
+        )
+    arr = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if arr.shape[0] != len(ids):
+        raise _Fatal(f"the service returned {arr.shape[0]} scores for {len(ids)} images")
+    bad = [(i, float(s)) for i, s in zip(ids, arr) if not (math.isfinite(s) and 0.0 <= s <= 1.0)]
+    if bad:
+        raise _Fatal(
+            f"the service returned non-finite or out-of-range scores for ids "
+            f"{_show([i for i, _ in bad])}: {[s for _, s in bad][:8]}"
+        )
+    return arr.astype(np.float32)
+
+
+def _show(ids: Sequence[str], limit: int = 8) -> str:
+    ids = list(ids)
+    more = f" … (+{len(ids) - limit} more)" if len(ids) > limit else ""
+    return repr(ids[:limit])[:-1] + more + "]" if ids else "[]"
+
+
+# ------------------------------------------------------------------------------------ transports
+class Transport(Protocol):
+    #: Images per request (1 on Serve: each image is its own request and retried on its own).
+    chunk_size: int
+
+    async def score(self, images: list[np.ndarray], ids: list[str], timeout_s: float) -> np.ndarray:
+        """One attempt: float32 [N] scores; raises _Retryable or _Fatal."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class ServeTransport:
+    """Calls ``IQAScorer.score(image, id)`` through a Serve ``DeploymentHandle``."""
+
+    chunk_size = 1
+
+    def __init__(self, handle: Any):
+        self.handle = handle
+
+    async def score(self, images: list[np.ndarray], ids: list[str], timeout_s: float) -> np.ndarray:
+        (image,), (image_id,) = images, ids
+        response = self.handle.score.remote(image, image_id)
+        try:
+            scored = await asyncio.wait_for(_await_response(response), timeout_s)
+        except (TimeoutError, asyncio.CancelledError):
+            response.cancel()  # the deadline passed: do not leave the request queued
+            raise
+        except Exception as err:
+            raise _classify_ray_error(err) from err
+        return _check_scores(ids, [scored[0]], [scored[1]])
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def _await_response(response: Any) -> Any:
+    return await response
+
+
+def _classify_ray_error(err: BaseException) -> Exception:
+    """Serve/Ray exceptions -> retryable (replica died, back-pressure, server error) or fatal."""
+    import ray.exceptions as rex
+    from ray.serve import exceptions as sex
+
+    from reward_server.factory import ScoreFailed
+
+    msg = f"{type(err).__name__}: {err}".strip()
+    if isinstance(err, rex.RayTaskError):
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, ScoreFailed):
+            return _classify_ray_error(cause)
+        return _Retryable(msg[:2000])  # an unexpected error in the replica: like a 5xx
+    if isinstance(err, ScoreFailed):  # the replica's own verdict: bad input is not retried
+        return _Fatal(str(err)) if err.kind == "bad_input" else _Retryable(str(err))
+    retryable = (
+        rex.RayActorError,  # includes ActorDiedError / ActorUnavailableError: a replica died
+        rex.ObjectLostError,
+        rex.TaskCancelledError,
+        rex.GetTimeoutError,
+        sex.BackPressureError,
+        sex.DeploymentUnavailableError,
+        ConnectionError,
+    )
+    for name in ("ReplicaUnavailableError", "RequestCancelledError"):
+        if hasattr(sex, name):
+            retryable += (getattr(sex, name),)
+    if isinstance(err, retryable):
+        return _Retryable(msg[:2000])
+    return _Fatal(msg[:2000])
+
+
+class HTTPTransport:
+    """``POST {endpoint}/score`` with the msgpack body of DESIGN.md §3 (aiohttp)."""
+
+    def __init__(
+        self, endpoint: str, auth_token: str | None = None, max_images_per_request: int = 64
+    ):
+        self.url = endpoint.rstrip("/") + "/score"
+        self.chunk_size = max_images_per_request
+        self.headers = {"Content-Type": "application/msgpack", "Accept": "application/msgpack"}
+        if auth_token:
+            self.headers["Authorization"] = f"Bearer {auth_token}"
+        self._session: Any = None
+
+    def _get_session(self) -> Any:
+        import aiohttp
+
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def score(self, images: list[np.ndarray], ids: list[str], timeout_s: float) -> np.ndarray:
+        import aiohttp
+
+        from common.types import ImageItem, ScoreRequest
+        from common.wire import WireError, decode_score_response, encode_score_request
+
+        try:
+            body = encode_score_request(
+                ScoreRequest(tuple(ImageItem(i, im) for i, im in zip(ids, images)))
+            )
+        except (ValueError, WireError) as err:  # ShapeError is a ValueError
+            raise _Fatal(str(err)) from None
+        try:
+            async with self._get_session().post(
+                self.url,
+                data=body,
+                headers=self.headers,
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ) as resp:
+                payload = await resp.read()
+                status = resp.status
+                retry_after = resp.headers.get("Retry-After")
+        except (aiohttp.ClientError, ConnectionError, OSError) as err:
+            raise _Retryable(f"{type(err).__name__}: {err}") from None
+        if status == 200:
+            try:
+                out = decode_score_response(payload)
+            except WireError as err:
+                raise _Fatal(f"undecodable response from {self.url}: {err}") from None
+            return _check_scores(ids, out.ids, out.scores)
+        text = payload[:500].decode("utf-8", "replace")
+        message = f"HTTP {status} from {self.url}: {text}"
+        if status == 503 or status >= 500 or status == 429:
+            after = None
+            if retry_after is not None:
+                try:
+                    after = float(retry_after)
+                except ValueError:
+                    after = None
+            raise _Retryable(message, after)
+        raise _Fatal(message)
+
+    async def aclose(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+
+
+# ------------------------------------------------------------------------------------ the client
+class RewardClient:
+    """A :class:`rollout.reward_sink.RewardSink` backed by the reward service.
+
+    Args:
+        transport: :class:`ServeTransport` or :class:`HTTPTransport`.
+        timeout_s: deadline of one ``submit``, from the call, retries included.
+        max_retries: retries per request after the first attempt.
+        backoff_base_s, backoff_max_s: retry k waits U(0, min(max, base·2^k)) ("full jitter"),
+            or the server's Retry-After when that is longer; never past the deadline.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        timeout_s: float = 60.0,
+        max_retries: int = 3,
+        backoff_base_s: float = 0.1,
+        backoff_max_s: float = 5.0,
+        seed: int | None = None,
+    ):
+        if timeout_s <= 0 or max_retries < 0:
+            raise ValueError(
+                f"timeout_s must be > 0 and max_retries >= 0, got {timeout_s}, {max_retries}"
+            )
+        self.transport = transport
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self._rng = random.Random(seed)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="reward-client", daemon=True
+        )
+        self._thread.start()
+        self._closed = False
+        #: Attempts that failed and were retried (for tests and logs).
+        self.retries = 0
+
+    @classmethod
+    def from_handle(cls, handle: Any, **kwargs: Any) -> RewardClient:
+        return cls(ServeTransport(handle), **kwargs)
+
+    @classmethod
+    def from_endpoint(
+        cls,
+        endpoint: str,
+        auth_token: str | None = None,
+        max_images_per_request: int = 64,
+        **kwargs: Any,
+    ) -> RewardClient:
+        return cls(HTTPTransport(endpoint, auth_token, max_images_per_request), **kwargs)
+
+    # -- RewardSink ------------------------------------------------------------------------
+    def submit(self, images: np.ndarray, ids: Sequence[str]) -> concurrent.futures.Future:
+        """Start scoring ``images`` uint8 [N, H, W, 3] (or a list of [H, W, 3]); returns a future
+        of float32 [N] scores at once."""
+        if self._closed:
+            raise RewardError("RewardClient.submit after close()")
+        ids = [str(i) for i in ids]
+        images = [np.ascontiguousarray(im) for im in images]
+        if len(images) != len(ids):
+            raise ValueError(f"submit: {len(images)} images but {len(ids)} ids")
+        if len(set(ids)) != len(ids):
+            raise ValueError(
+                "submit: ids must be unique within one call (scores are matched by id)"
+            )
+        deadline = time.monotonic() + self.timeout_s
+        return asyncio.run_coroutine_threadsafe(self._score_all(images, ids, deadline), self._loop)
+
+    def gather(self, handles: Sequence[concurrent.futures.Future]) -> list[np.ndarray]:
+        """Wait for each handle; float32 [N] scores per handle. Raises RewardError."""
+        out = []
+        for h in handles:
+            try:
+                # Each request ends by its own deadline; the margin only covers the hand-off.
+                out.append(h.result(timeout=self.timeout_s + 30.0))
+            except concurrent.futures.TimeoutError:
+                raise RewardError(
+                    f"reward request still pending {self.timeout_s + 30.0:.0f} s after its "
+                    "deadline (client event loop stuck?)"
+                ) from None
+        return out
+
+    def score(self, images: np.ndarray, ids: Sequence[str]) -> np.ndarray:
+        """Blocking convenience: ``gather([submit(images, ids)])[0]``."""
+        return self.gather([self.submit(images, ids)])[0]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            asyncio.run_coroutine_threadsafe(self.transport.aclose(), self._loop).result(timeout=10)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the retry loop ------------------------------------------------------------------------
+    async def _score_all(
+        self, images: list[np.ndarray], ids: list[str], deadline: float
+    ) -> np.ndarray:
+        n = self.transport.chunk_size
+        chunks = [(images[i : i + n], ids[i : i + n]) for i in range(0, len(ids), n)]
+        results = await asyncio.gather(
+            *(self._score_chunk(im, ci, deadline) for im, ci in chunks), return_exceptions=True
+        )
+        failed = [(ci, r) for (_, ci), r in zip(chunks, results) if isinstance(r, BaseException)]
+        if failed:
+            bad_ids = [i for ci, _ in failed for i in ci]
+            reasons = sorted({str(r) for _, r in failed})
+            raise RewardError(
+                f"no reward for {len(bad_ids)} of {len(ids)} image(s), ids {_show(bad_ids)}: "
+                + " | ".join(reasons[:3])
+                + (f" | … ({len(reasons) - 3} more reasons)" if len(reasons) > 3 else "")
+            )
+        return np.concatenate(results) if results else np.zeros(0, np.float32)
+
+    async def _score_chunk(
+        self, images: list[np.ndarray], ids: list[str], deadline: float
+    ) -> np.ndarray:
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RewardError(
+                    f"deadline of {self.timeout_s:g} s passed before attempt {attempt + 1}"
+                )
+            try:
+                return await asyncio.wait_for(
+                    self.transport.score(images, ids, remaining), remaining
+                )
+            except _Fatal as err:
+                raise RewardError(str(err)) from None
+            except TimeoutError:
+                raise RewardError(
+                    f"deadline of {self.timeout_s:g} s passed during attempt {attempt + 1}"
+                ) from None
+            except _Retryable as err:
+                if attempt >= self.max_retries:
+                    raise RewardError(f"gave up after {attempt + 1} attempt(s): {err}") from None
+                delay = self._rng.uniform(
+                    0, min(self.backoff_max_s, self.backoff_base_s * 2**attempt)
+                )
+                if err.retry_after_s is not None:
+                    delay = max(delay, err.retry_after_s)
+                remaining = deadline - time.monotonic()
+                if delay >= remaining:
+                    raise RewardError(
+                        f"deadline of {self.timeout_s:g} s leaves no time to retry after: {err}"
+                    ) from None
+                self.retries += 1
+                attempt += 1
+                await asyncio.sleep(delay)
+
+
+# ------------------------------------------------------------------------------------ factory
+@dataclass(frozen=True)
+class RewardSinkFactory:
+    """Picklable zero-arg callable that builds a :class:`RewardClient` where it is called (in a
+    RolloutWorker actor). Transport: ``handle`` if given, else HTTP to ``endpoint`` if given,
+    else the handle of the Serve app ``app_name``."""
+
+    handle: Any = None
+    endpoint: str | None = None
+    auth_token: str | None = None
+    app_name: str = "reward"
+    timeout_s: float = 60.0
+    max_retries: int = 3
+    max_images_per_request: int = 64
+
+    def __call__(self) -> RewardClient:
+        kwargs = {"timeout_s": self.timeout_s, "max_retries": self.max_retries}
+        if self.handle is not None:
+            return RewardClient.from_handle(self.handle, **kwargs)
+        if self.endpoint is not None:
+            return RewardClient.from_endpoint(
+                self.endpoint, self.auth_token, self.max_images_per_request, **kwargs
+            )
+        from reward_server.serve_app import get_handle
+
+        return RewardClient.from_handle(get_handle(self.app_name), **kwargs)
+
+    def __repr__(self) -> str:  # never print the token
+        where = (
+            "handle"
+            if self.handle is not None
+            else (self.endpoint or f"serve app {self.app_name!r}")
+        )
+        return f"RewardSinkFactory({where}, timeout_s={self.timeout_s}, max_retries={self.max_retries})"
+
+
+def make_reward_sink_factory(
+    reward: Any, handle: Any = None, app_name: str = "reward"
+) -> RewardSinkFactory:
+    """The RolloutWorker's ``reward_sink_factory`` from a ``RewardConfig``: Serve ``handle`` if
+    given, else ``reward.endpoint`` over HTTP, else the running Serve app ``app_name``."""
+    return RewardSinkFactory(
+        handle=handle,
+        endpoint=reward.endpoint,
+        auth_token=reward.auth_token,
+        app_name=app_name,
+        timeout_s=reward.timeout_s,
+        max_retries=reward.max_retries,
+        max_images_per_request=reward.max_images_per_request,
+    )

@@ -1,0 +1,498 @@
+"""The standalone reward service: HTTP + msgpack, outside Ray (DESIGN.md §3).
+
+    python -m reward_server --config deploy/configs/demo_cpu.yaml --set reward.port=8710
+
+Endpoints:
+
+* ``POST /score`` — body: the msgpack ``ScoreRequest`` of DESIGN.md §3 (``Content-Type:
+  application/msgpack``), decoded strictly by :func:`common.wire.decode_score_request` with the
+  config's caps; answer: the msgpack ``ScoreResponse``.
+* ``GET /healthz`` — ``{"status": "ok", "model", "version", "queue"}`` (JSON).
+* ``GET /metrics`` — Prometheus text (own registry; names of :mod:`common.telemetry`).
+
+Status codes of ``POST /score`` (errors carry JSON ``{"error": message, "kind": kind}``):
+
+====  =============  =================================================================
+200   —              scores (msgpack ScoreResponse)
+400   malformed      not msgpack, trailing bytes, missing/unknown fields, duplicate ids
+400   type           a field of the wrong type (``images`` not a list, ``id`` not a str)
+401   unauthorized   bearer token missing or wrong (only when ``auth_token`` is set)
+413   too_large      body over ``max_request_bytes`` (Content-Length or bytes read), an
+                     image over ``max_image_pixels``
+413   too_many       more than ``max_images_per_request`` images
+415   content_type   Content-Type is not application/msgpack
+422   dtype          ``dtype`` other than "uint8"
+422   shape          shape not [H, W, 3] (non-RGB), data length ≠ H·W·3, no images
+500   scoring        the scorer failed or returned a non-finite score (never a made-up 0)
+500   internal       a bug in the server (the server keeps serving)
+503   overloaded     more than ``max_queue`` requests in flight or waiting; ``Retry-After``
+====  =============  =================================================================
+
+Concurrent requests share scorer calls: a :class:`MicroBatcher` collects images from all of
+them until ``max_batch_size`` images or ``batch_wait_timeout_s`` after the first, then runs one
+(blocking) scorer call in a worker thread — the standalone service does not score one by one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import math
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Self
+
+import numpy as np
+from aiohttp import web
+
+from common.types import ScoreResponse
+from common.wire import RequestLimits, WireError, decode_score_request, encode_score_response
+from reward_server.factory import ScoredImage, ScoreFailed, score_batch
+
+if TYPE_CHECKING:
+    from common.config import RewardConfig
+    from reward_server.scoring import Scorer
+
+__all__ = ["STATUS_BY_KIND", "BackgroundServer", "MicroBatcher", "RewardHTTPServer", "run_server"]
+
+DEFAULT_REQUEST_LIMITS = RequestLimits()
+MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
+
+#: HTTP status of each request error kind (``WireError.kind`` and the server's own kinds).
+STATUS_BY_KIND: dict[str, int] = {
+    "malformed": 400,
+    "type": 400,
+    "unauthorized": 401,
+    "too_large": 413,
+    "too_many": 413,
+    "content_type": 415,
+    "dtype": 422,
+    "shape": 422,
+    "scoring": 500,
+    "internal": 500,
+    "overloaded": 503,
+}
+
+
+class _RequestError(Exception):
+    def __init__(self, kind: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.headers = headers or {}
+
+
+# ------------------------------------------------------------------------------------ batching
+@dataclass
+class _Item:
+    image_id: str
+    image: np.ndarray
+    future: asyncio.Future
+
+
+class MicroBatcher:
+    """Collects images from concurrent requests into scorer batches (one scorer call at a time).
+
+    A batch is cut at ``max_batch_size`` images or ``batch_wait_timeout_s`` after its first
+    image, whichever comes first; the scorer runs in a worker thread so the event loop keeps
+    accepting requests (and filling the next batch) meanwhile.
+    """
+
+    def __init__(
+        self,
+        scorer: Scorer,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        metrics: _Metrics | None = None,
+    ):
+        self.scorer = scorer
+        self.max_batch_size = max_batch_size
+        self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.metrics = metrics
+        self.batch_sizes: list[int] = []  # every batch this batcher ran (tests, stats)
+        self.last_latency_s = 0.0
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._run(), name="reward-micro-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        while self._queue is not None and not self._queue.empty():
+            item = self._queue.get_nowait()
+            if not item.future.done():
+                item.future.set_exception(ScoreFailed("server shutting down", "scoring"))
+
+    async def score(
+        self, ids: Sequence[str], images: Sequence[np.ndarray]
+    ) -> list[ScoredImage | ScoreFailed]:
+        assert self._queue is not None, "MicroBatcher.start() was not called"
+        loop = asyncio.get_running_loop()
+        items = [_Item(i, im, loop.create_future()) for i, im in zip(ids, images)]
+        for item in items:
+            self._queue.put_nowait(item)
+        return list(await asyncio.gather(*(item.future for item in items)))
+
+    async def _next_batch(self) -> list[_Item]:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        batch = [await self._queue.get()]
+        cut = loop.time() + self.batch_wait_timeout_s
+        while len(batch) < self.max_batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = cut - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return [item for item in batch if not item.future.done()]  # drop abandoned requests
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            start = time.perf_counter()
+            try:
+                results = await asyncio.to_thread(
+                    score_batch, self.scorer, [b.image_id for b in batch], [b.image for b in batch]
+                )
+            except Exception as err:  # noqa: BLE001 — score_batch returns errors; this is a bug guard
+                results = [ScoreFailed(f"{type(err).__name__}: {err}", "scoring")] * len(batch)
+            self.last_latency_s = time.perf_counter() - start
+            self.batch_sizes.append(len(batch))
+            if self.metrics is not None:
+                self.metrics.batch(
+                    len(batch),
+                    self.last_latency_s,
+                    sum(isinstance(r, ScoredImage) for r in results),
+                )
+            for item, result in zip(batch, results):
+                if not item.future.done():
+                    item.future.set_result(result)
+
+
+# ------------------------------------------------------------------------------------ metrics
+class _Metrics:
+    """prometheus_client metrics in an own registry (names from common.telemetry)."""
+
+    def __init__(self, backend: str):
+        import prometheus_client as pc
+
+        from common.telemetry import prometheus_metric
+
+        self.registry = pc.CollectorRegistry()
+        self.backend = backend
+        self.images = prometheus_metric("reward_images_total", self.registry)
+        self.batch_size = prometheus_metric("reward_batch_size", self.registry)
+        self.latency = prometheus_metric("reward_latency_seconds", self.registry)
+        self.queue = prometheus_metric("reward_queue_depth", self.registry)
+        self.errors = prometheus_metric("reward_errors_total", self.registry)
+        for kind in STATUS_BY_KIND:  # every kind shows up (at 0) from the first scrape
+            self.errors.labels(kind=kind)
+        self.images.labels(backend=backend)
+
+    def batch(self, size: int, seconds: float, ok: int) -> None:
+        self.batch_size.labels(backend=self.backend).observe(size)
+        self.latency.labels(backend=self.backend).observe(seconds)
+        self.images.labels(backend=self.backend).inc(ok)
+
+    def error(self, kind: str) -> None:
+        self.errors.labels(kind=kind).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        import prometheus_client as pc
+
+        return pc.generate_latest(self.registry), pc.CONTENT_TYPE_LATEST
+
+
+# ------------------------------------------------------------------------------------ server
+class RewardHTTPServer:
+    """The aiohttp application of the standalone reward service.
+
+    Args:
+        scorer: any :class:`reward_server.scoring.Scorer` (blocking ``score``).
+        max_batch_size, batch_wait_timeout_s: micro-batching of concurrent requests.
+        max_queue: requests in flight or waiting beyond which ``/score`` answers 503.
+        limits: request caps (images, pixels, bytes).
+        auth_token: bearer token ``/score`` requires; None: no auth.
+    """
+
+    def __init__(
+        self,
+        scorer: Scorer,
+        *,
+        max_batch_size: int = 16,
+        batch_wait_timeout_s: float = 0.05,
+        max_queue: int = 256,
+        limits: RequestLimits = DEFAULT_REQUEST_LIMITS,
+        auth_token: str | None = None,
+    ):
+        self.scorer = scorer
+        self.limits = limits
+        self.max_queue = max_queue
+        self._token = auth_token.encode() if auth_token else None
+        self.metrics = _Metrics(scorer.name)
+        self.batcher = MicroBatcher(scorer, max_batch_size, batch_wait_timeout_s, self.metrics)
+        self.pending = 0  # /score requests admitted and not yet answered
+
+    @classmethod
+    def from_config(cls, reward: RewardConfig, scorer: Scorer) -> RewardHTTPServer:
+        return cls(
+            scorer,
+            max_batch_size=reward.max_batch_size,
+            batch_wait_timeout_s=reward.batch_wait_timeout_s,
+            max_queue=reward.max_queue,
+            limits=RequestLimits(
+                max_images=reward.max_images_per_request,
+                max_image_pixels=reward.max_image_pixels,
+                max_request_bytes=reward.max_request_bytes,
+            ),
+            auth_token=reward.auth_token,
+        )
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.limits.max_request_bytes)
+        app.router.add_post("/score", self.handle_score)
+        app.router.add_get("/healthz", self.handle_healthz)
+        app.router.add_get("/metrics", self.handle_metrics)
+
+        async def _start(_app: web.Application) -> None:
+            await self.batcher.start()
+
+        async def _stop(_app: web.Application) -> None:
+            await self.batcher.stop()
+
+        app.on_startup.append(_start)
+        app.on_cleanup.append(_stop)
+        return app
+
+    # -- handlers ------------------------------------------------------------------------------
+    async def handle_healthz(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "status": "ok",
+                "model": self.scorer.name,
+                "version": self.scorer.version,
+                "queue": self.pending,
+            }
+        )
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        body, content_type = self.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def handle_score(self, request: web.Request) -> web.Response:
+        try:
+            self._check_auth(request)
+            if request.content_type not in MSGPACK_TYPES:
+                raise _RequestError(
+                    "content_type",
+                    f"Content-Type must be application/msgpack (the body of DESIGN.md §3), got "
+                    f"{request.headers.get('Content-Type', '(none)')!r}",
+                )
+            if self.pending >= self.max_queue:
+                raise _RequestError(
+                    "overloaded",
+                    f"overloaded: {self.pending} requests in flight or waiting (max_queue {self.max_queue}); "
+                    "retry later",
+                    {"Retry-After": str(self._retry_after_s())},
+                )
+        except _RequestError as err:
+            return self._error(
+                err, close=True
+            )  # the body was not read: do not reuse the connection
+        self.pending += 1
+        self.metrics.queue.set(self.pending)
+        try:
+            return await self._score(request)
+        except _RequestError as err:
+            return self._error(err, close=err.kind == "too_large")
+        except Exception as err:  # noqa: BLE001 — a bug must not take the server down
+            return self._error(
+                _RequestError("internal", f"internal error: {type(err).__name__}: {err}")
+            )
+        finally:
+            self.pending -= 1
+            self.metrics.queue.set(self.pending)
+
+    async def _score(self, request: web.Request) -> web.Response:
+        body = await self._read_body(request)
+        try:
+            req = decode_score_request(body, self.limits)
+        except WireError as err:
+            raise _RequestError(
+                err.kind if err.kind in STATUS_BY_KIND else "malformed", str(err)
+            ) from None
+        ids = [item.id for item in req.images]
+        results = await self.batcher.score(ids, [item.pixels for item in req.images])
+        failed = [r for r in results if isinstance(r, ScoreFailed)]
+        if failed:
+            raise _RequestError(
+                "scoring",
+                f"no reward for {len(failed)} of {len(ids)} image(s): "
+                + "; ".join(str(f) for f in failed[:4]),
+            )
+        levels = [r.levels for r in results]  # type: ignore[union-attr]
+        resp = ScoreResponse(
+            ids=tuple(ids),
+            scores=tuple(r.score for r in results),  # type: ignore[union-attr]
+            levels=None if any(row is None for row in levels) else tuple(levels),  # type: ignore[arg-type]
+            model=self.scorer.name,
+            version=self.scorer.version,
+        )
+        return web.Response(body=encode_score_response(resp), content_type="application/msgpack")
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _check_auth(self, request: web.Request) -> None:
+        if self._token is None:
+            return
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        # Constant-time comparison: the time taken does not reveal how much of the token matched.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), self._token
+        ):
+            raise _RequestError(
+                "unauthorized",
+                "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
+                {"WWW-Authenticate": 'Bearer realm="reward"'},
+            )
+
+    async def _read_body(self, request: web.Request) -> bytearray:
+        """The body, never more than ``max_request_bytes`` of it (Content-Length checked first,
+        then the bytes actually read: a chunked or lying client is cut off too)."""
+        cap = self.limits.max_request_bytes
+        length = request.content_length
+        if length is not None and length > cap:
+            raise _RequestError(
+                "too_large", f"request body of {length} bytes exceeds the cap of {cap}"
+            )
+        body = bytearray()
+        async for chunk in request.content.iter_chunked(1 << 20):
+            body += chunk
+            if len(body) > cap:
+                raise _RequestError("too_large", f"request body exceeds the cap of {cap} bytes")
+        return body
+
+    def _retry_after_s(self) -> int:
+        """Seconds until the queue has likely drained: batches waiting × last batch latency."""
+        batches = self.pending / max(self.batcher.max_batch_size, 1) + 1
+        return max(1, math.ceil(batches * self.batcher.last_latency_s))
+
+    def _error(self, err: _RequestError, close: bool = False) -> web.Response:
+        self.metrics.error(err.kind)
+        resp = web.Response(
+            status=STATUS_BY_KIND[err.kind],
+            text=json.dumps({"error": str(err), "kind": err.kind}),
+            content_type="application/json",
+            headers=err.headers,
+        )
+        if close:
+            resp.force_close()
+        return resp
+
+
+# ------------------------------------------------------------------------------------ running
+class BackgroundServer:
+    """Runs a :class:`RewardHTTPServer` on its own event loop in a daemon thread (tests,
+    benchmarks, notebooks). ``port=0`` picks a free port; ``url`` says which."""
+
+    def __init__(self, server: RewardHTTPServer, host: str = "127.0.0.1", port: int = 0):
+        self.server = server
+        self.host = host
+        self.port = port
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> BackgroundServer:
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        async def _up() -> None:
+            self._runner = web.AppRunner(self.server.make_app(), access_log=None)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+        def _main() -> None:
+            asyncio.set_event_loop(self._loop)
+            try:
+                self._loop.run_until_complete(_up())
+            except BaseException as err:  # noqa: BLE001 — reported to start()
+                failure.append(err)
+                ready.set()
+                return
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=_main, name="reward-http", daemon=True)
+        self._thread.start()
+        if not ready.wait(timeout_s):
+            raise TimeoutError(f"reward HTTP server did not start within {timeout_s} s")
+        if failure:
+            raise failure[0]
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self._thread is None:
+            return
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout_s)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout_s)
+        self._thread = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+async def run_server(
+    server: RewardHTTPServer, host: str, port: int, stop: asyncio.Event | None = None
+) -> None:
+    """Serve until ``stop`` is set (or SIGINT/SIGTERM when ``stop`` is None)."""
+    import signal
+
+    runner = web.AppRunner(server.make_app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
+    print(
+        f"reward server: {server.scorer.name} ({server.scorer.version}) on http://{bound[0]}:{bound[1]} "
+        f"(POST /score, GET /healthz, GET /metrics)",
+        flush=True,
+    )
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()

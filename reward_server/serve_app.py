@@ -1,0 +1,250 @@
+"""The reward service inside the Ray job: Ray Serve deployment ``IQAScorer`` (DESIGN.md §3).
+
+Each request is one image; ``@serve.batch`` gathers concurrent requests (from every rollout
+worker) into one scorer call. Rollout workers call it through a ``DeploymentHandle`` with numpy
+arrays — no HTTP, no encoding — via :class:`reward_server.client.RewardClient`::
+
+    handle = deploy(cfg.reward)                                   # in the driver
+    scored = handle.score.remote(image, "7:0:3").result()         # ScoredImage(id, score, levels)
+
+Sizing (all from ``RewardConfig``, independent of rollout):
+
+* ``max_batch_size`` / ``batch_wait_timeout_s``: the batch is cut when it is full or when the
+  first request has waited that long.
+* ``max_ongoing_requests`` per replica: Serve's default (5) would cap every batch at 5 requests;
+  the config requires it to be >= ``max_batch_size``.
+* ``num_replicas``, or ``autoscaling`` between ``min_replicas`` and ``max_replicas`` at
+  ``target_ongoing_requests`` per replica.
+* ``num_gpus_per_replica`` / ``num_cpus_per_replica`` (``ray_actor_options``);
+  ``tensor_parallel_size`` is passed to vLLM, which shards the model over the GPUs Ray gave the
+  replica (so ``num_gpus_per_replica`` must be at least ``tensor_parallel_size``).
+
+Metrics (``ray.util.metrics``, scraped from Ray's metrics export port with the ``ray_`` prefix):
+reward_images_total, reward_batch_size, reward_latency_seconds, reward_queue_depth,
+reward_errors_total{kind}. :meth:`IQAScorer.stats` returns the same counts from the replica.
+
+A reward that cannot be computed (a scorer error, a non-finite score) fails its request with
+:class:`~reward_server.factory.ScoreFailed` — never a 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from ray import serve
+
+from reward_server.factory import ScoredImage, ScoreFailed, check_image, score_batch, scorer_spec
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
+
+    from common.config import RewardConfig
+    from reward_server.scoring import Scorer
+
+__all__ = [
+    "DEFAULT_APP_NAME",
+    "DEPLOYMENT_NAME",
+    "IQAScorer",
+    "build_app",
+    "deploy",
+    "deployment_options",
+    "get_handle",
+]
+
+DEPLOYMENT_NAME = "IQAScorer"
+DEFAULT_APP_NAME = "reward"
+
+# Environment the replicas need to see as the driver does: offline model hubs, vLLM's CPU KV
+# cache size (ENVIRONMENT.md "vLLM on CPU"). Copied into the replicas' runtime_env when set.
+_PROPAGATED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "VLLM_CPU_KVCACHE_SPACE")
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+class IQAScorer:
+    """One reward replica: a scorer behind a batching queue.
+
+    Args:
+        scorer_factory: zero-arg callable that builds the scorer in the replica (a
+            :class:`~reward_server.factory.ScorerSpec`; vLLM engines cannot be pickled).
+        max_batch_size: most images per scorer call.
+        batch_wait_timeout_s: longest wait for a batch to fill after its first request.
+        max_image_pixels: per-image pixel cap (bad input otherwise).
+        stats_window: how many recent batch sizes :meth:`stats` keeps.
+    """
+
+    def __init__(
+        self,
+        scorer_factory: Callable[[], Scorer],
+        *,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        max_image_pixels: int | None = None,
+        stats_window: int = 10_000,
+    ) -> None:
+        from common.telemetry import ray_metric
+
+        self.scorer = scorer_factory()
+        self.max_image_pixels = max_image_pixels
+        self._score_batch.set_max_batch_size(max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        tags = {"backend": self.scorer.name}
+        self._m_images = ray_metric("reward_images_total", tags)
+        self._m_batch = ray_metric("reward_batch_size", tags)
+        self._m_latency = ray_metric("reward_latency_seconds", tags)
+        self._m_queue = ray_metric("reward_queue_depth")
+        self._m_errors = ray_metric("reward_errors_total")
+        self._ongoing = 0  # requests waiting for a batch or being scored in this replica
+        self._batch_sizes: deque[int] = deque(maxlen=stats_window)
+        self._images = 0
+        self._errors: Counter[str] = Counter()
+
+    # -- requests --------------------------------------------------------------------------
+    async def score(self, image: np.ndarray, image_id: str) -> ScoredImage:
+        """Score one uint8 [H, W, 3] RGB image; raises ScoreFailed (kind bad_input | scoring)."""
+        try:
+            check_image(image, image_id, self.max_image_pixels)
+        except ScoreFailed:
+            self._error("bad_input")
+            raise
+        self._ongoing += 1
+        self._m_queue.set(self._ongoing)
+        try:
+            result = await self._score_batch(image_id, image)
+        finally:
+            self._ongoing -= 1
+            self._m_queue.set(self._ongoing)
+        if isinstance(result, ScoreFailed):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)  # reset from the config in __init__
+    async def _score_batch(
+        self, image_ids: list[str], images: list[np.ndarray]
+    ) -> list[ScoredImage | ScoreFailed]:
+        n = len(images)
+        self._batch_sizes.append(n)
+        self._m_batch.observe(n)
+        start = time.perf_counter()
+        # The scorer is blocking (a forward pass, a vLLM generate): run it off the event loop so
+        # the replica keeps accepting requests (and forming the next batch) meanwhile.
+        results = await asyncio.to_thread(score_batch, self.scorer, image_ids, images)
+        self._m_latency.observe(time.perf_counter() - start)
+        ok = sum(isinstance(r, ScoredImage) for r in results)
+        if ok:
+            self._images += ok
+            self._m_images.inc(ok)
+        for r in results:
+            if isinstance(r, ScoreFailed):
+                self._error(r.kind)
+        return results
+
+    def _error(self, kind: str) -> None:
+        self._errors[kind] += 1
+        self._m_errors.inc(1, tags={"kind": kind})
+
+    # -- introspection -----------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """What this replica observed: recent batch sizes, images scored, errors by kind."""
+        import ray
+
+        return {
+            "batch_sizes": list(self._batch_sizes),
+            "images": self._images,
+            "errors": dict(self._errors),
+            "ongoing": self._ongoing,
+            "replica": ray.get_runtime_context().get_actor_name(),
+            "worker_id": ray.get_runtime_context().get_worker_id(),  # WorkerId label of its metrics
+            "pid": os.getpid(),
+        }
+
+    def info(self) -> dict[str, str]:
+        """The scorer's name and version (echoed in HTTP responses)."""
+        return {"model": self.scorer.name, "version": self.scorer.version}
+
+    def __del__(self) -> None:
+        # Serve calls __del__ on graceful shutdown: stop a vLLM engine's core process with the
+        # replica instead of leaving it to be reaped later.
+        llm = getattr(getattr(self, "scorer", None), "llm", None)
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            try:
+                core.shutdown()
+            except Exception as err:  # noqa: BLE001 — best effort while the replica goes away
+                logging.getLogger(__name__).warning("vLLM engine shutdown failed: %s", err)
+
+
+def deployment_options(reward: RewardConfig) -> dict[str, Any]:
+    """Serve deployment options from the reward config (pure: testable without Ray)."""
+    if (
+        reward.backend == "vllm"
+        and reward.num_gpus_per_replica > 0
+        and reward.num_gpus_per_replica < reward.tensor_parallel_size
+    ):
+        raise ValueError(
+            f"reward.num_gpus_per_replica ({reward.num_gpus_per_replica}) < reward.tensor_parallel_size "
+            f"({reward.tensor_parallel_size}): vLLM shards the model over the replica's own GPUs"
+        )
+    actor: dict[str, Any] = {
+        "num_cpus": reward.num_cpus_per_replica,
+        "num_gpus": reward.num_gpus_per_replica,
+    }
+    env = {k: os.environ[k] for k in _PROPAGATED_ENV if k in os.environ}
+    if env:
+        actor["runtime_env"] = {"env_vars": env}
+    opts: dict[str, Any] = {
+        "max_ongoing_requests": reward.max_ongoing_requests,
+        "ray_actor_options": actor,
+    }
+    if reward.autoscaling:
+        opts["autoscaling_config"] = {
+            "min_replicas": reward.min_replicas,
+            "max_replicas": reward.max_replicas,
+            "target_ongoing_requests": reward.target_ongoing_requests,
+        }
+    else:
+        opts["num_replicas"] = reward.num_replicas
+    return opts
+
+
+def build_app(
+    reward: RewardConfig, *, scorer_factory: Callable[[], Scorer] | None = None
+) -> serve.Application:
+    """The Serve application of the reward service (bind only; :func:`deploy` runs it).
+
+    ``scorer_factory``: overrides the config's scorer (must be picklable); default
+    :func:`reward_server.factory.scorer_spec` of ``reward``.
+    """
+    factory = scorer_factory if scorer_factory is not None else scorer_spec(reward)
+    return IQAScorer.options(**deployment_options(reward)).bind(
+        factory,
+        max_batch_size=reward.max_batch_size,
+        batch_wait_timeout_s=reward.batch_wait_timeout_s,
+        max_image_pixels=reward.max_image_pixels,
+    )
+
+
+def deploy(
+    reward: RewardConfig,
+    name: str = DEFAULT_APP_NAME,
+    *,
+    scorer_factory: Callable[[], Scorer] | None = None,
+) -> DeploymentHandle:
+    """Run the reward app on the connected Ray cluster and return its handle once it is ready.
+
+    Serve is started without an HTTP proxy when this call starts it (the job talks to the
+    replicas through handles; the standalone HTTP API is :mod:`reward_server.http_server`).
+    """
+    serve.start(proxy_location="Disabled")
+    return serve.run(build_app(reward, scorer_factory=scorer_factory), name=name, route_prefix=None)
+
+
+def get_handle(app_name: str = DEFAULT_APP_NAME) -> DeploymentHandle:
+    """The handle of a running reward app (e.g. from inside a rollout actor)."""
+    return serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name)
