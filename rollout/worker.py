@@ -104,6 +104,35 @@ class RolloutWorker:
         """The trainable tensors this worker holds (tests compare them with the learner's)."""
         return self.policy.trainable_state_dict(clone=True)
 
+    # -- weight sync, receiving side (the protocol lives in learner/weight_sync.py) ----------
+    def init_weight_sync(self, *, rank: int, world_size: int, backend: str, master_addr: str, master_port: int,
+                         timeout_s: float, layout: Any) -> int:
+        """Join the learner's weight-sync collective group as ``rank`` (1 + worker index)."""
+        from learner.weight_sync import CollectiveEndpoint
+
+        layout.check(self.policy.trainable_state_dict(clone=False), who=f"rollout worker {self.worker_index}")
+        self.close_weight_sync()
+        self._weight_sync = CollectiveEndpoint(
+            world_size=world_size, rank=rank, backend=backend, master_addr=master_addr, master_port=master_port,
+            timeout_s=timeout_s, layout=layout, device=self.policy.device,
+        )
+        return rank
+
+    def receive_weights(self, version: int, payload: Sequence[Any] | None = None, timeout_s: float = 60.0) -> int:
+        """Receive weights of ``version`` (collective broadcast, or ``[ObjectRef]`` of the object
+        store) and load them; returns the version now held."""
+        from learner.weight_sync import receive_weights
+
+        state = receive_weights(getattr(self, "_weight_sync", None), version, payload, timeout_s=timeout_s,
+                                device=self.policy.device)
+        return self.set_weights(version, state)
+
+    def close_weight_sync(self) -> None:
+        sync = getattr(self, "_weight_sync", None)
+        if sync is not None:
+            sync.close()
+            self._weight_sync = None
+
     # -- sampling ----------------------------------------------------------------------------
     def num_inputs(self) -> int:
         return len(self.dataset)
@@ -127,6 +156,22 @@ class RolloutWorker:
             self._metrics["rollout_denoise_steps_total"].inc(B * traj.num_steps)
             self._metrics["rollout_trajectory_seconds"].observe(time.perf_counter() - t0)
         return traj
+
+
+    def sample_preview(self, input_ids: Sequence[int], round_index: int) -> dict[str, np.ndarray]:
+        """One sample per input, for before/after grids: LQ, output, GT, uint8 [N, H, W, 3] each.
+
+        Sampled without the reward sink (previews are not training data) and without metrics.
+        """
+        pairs = [self.dataset[int(i)] for i in input_ids]
+        settings = SamplerSettings(
+            num_inference_steps=self.settings.num_inference_steps, eta=self.settings.eta, samples_per_input=1,
+            reward_steps="last", policy_target=self.settings.policy_target,
+        )
+        traj = sample_trajectories(self.policy, np.stack([p.lq for p in pairs]), [int(i) for i in input_ids],
+                                   settings, policy_version=self.version, seed=self.seed, round_index=round_index)
+        return {"lq": np.stack([p.lq for p in pairs]), "output": traj.final_images.numpy(),
+                "gt": np.stack([p.gt for p in pairs])}
 
 
 def create_rollout_workers(

@@ -52,3 +52,47 @@ def ray_local():
     yield ray
     if started:
         ray.shutdown()
+
+
+# ------------------------------------------------------------------------------ learner fixtures
+@pytest.fixture(scope="session")
+def tiny_data_config():
+    """4 synthetic LQ/GT pairs at TINY_RESOLUTION (the learner looks ground truths up by input id)."""
+    from common.config import DataConfig
+
+    return DataConfig(kind="synthetic", resolution=TINY_RESOLUTION, num_synthetic=4, num_test=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_trajectory(tiny_data_config):
+    """Factory: ``tiny_trajectory(input_ids, num_steps=2, samples_per_input=2, policy_target=...,
+    reward_steps=..., rewards=None)`` → a Trajectory sampled by a fresh seeded tiny policy (the
+    learner's initial weights), version 0. Sampled once per argument set; each call returns a
+    copy. ``rewards``: a [B, R] tensor to put in (default: the NaN placeholders of no sink)."""
+    import copy
+
+    import numpy as np
+    import torch
+
+    from common.data import build_dataset
+    from common.policy import build_policy
+    from rollout.sampler import SamplerSettings, sample_trajectories
+
+    policy = build_policy(ModelConfig(kind="tiny"), TINY_RESOLUTION).eval()
+    dataset = build_dataset(tiny_data_config, "train")
+    cache = {}
+
+    def make(input_ids, num_steps=2, samples_per_input=2, policy_target="standard", reward_steps="all",
+             rewards=None, seed=0):
+        key = (tuple(input_ids), num_steps, samples_per_input, policy_target, reward_steps, seed)
+        if key not in cache:
+            control = np.stack([dataset[i].lq for i in input_ids])
+            settings = SamplerSettings(num_inference_steps=num_steps, eta=1.0, samples_per_input=samples_per_input,
+                                       reward_steps=reward_steps, policy_target=policy_target)
+            cache[key] = sample_trajectories(policy, control, list(input_ids), settings, policy_version=0, seed=seed)
+        traj = copy.deepcopy(cache[key])
+        if rewards is not None:
+            traj.rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(traj.rewards.shape).clone()
+        return traj
+
+    return make

@@ -1,0 +1,731 @@
+"""The Learner: rewards → advantages → difficulty weights → PPO + weighted SFT + KL → AdamW.
+
+DESIGN.md §1, §2.3–§2.6; paper §4.2.4 eq. 10. One :meth:`Learner.update` per rollout batch:
+
+1. rewards r [B, R]: the IQA scores on the trajectory (``algorithm.reward=iqa``), or
+   r = −RMSE(x̂0_img, g) computed here where the ground truth is (``reconstruction``);
+2. advantages A [B, R] from the reward tracker keyed on (input id, reward step), spread to the
+   K steps [B, K] (§2.4);
+3. difficulty weights w [B] = d_i / max_j d_j over the WHOLE batch (§2.5);
+4. for each PPO epoch, each micro-batch of samples and each trained step: recompute the
+   log-prob of the recorded action differentiably (two model calls for the enhanced target),
+   the reference mean without gradient (KL), the PPO clipped loss, and once per micro-batch the
+   SFT loss on the ground-truth latent; combine with ``total_loss`` and backward;
+5. clip the gradient norm, step AdamW, ``version += 1``.
+
+Normalisation (exact gradient accumulation): every backward is of a piece of
+
+    L = (1/m) Σ_i [ a_i·L_diff,i + b_i·L_rl,i ] + β_KL·(1/m) Σ_i L_KL,i,
+
+L_rl,i = (1/n) Σ_j ℓ_ij over the sample's n trained steps (likewise L_KL,i), m the FULL batch
+size. Each trained step j contributes b_i·ℓ_ij/(n·m) (+ the KL analogue), and the SFT term
+a_i·L_diff,i/m rides along with j = 0. The pieces are linear, so the accumulated gradient is the
+gradient of L over the whole batch, whatever ``micro_batch_size``.
+
+Data parallel (K learners, DESIGN.md §1): every rank receives the full batch and computes
+rewards, advantages (so the tracker state stays identical on every rank), difficulty weights
+and all random draws (trained steps, SFT timesteps and noise) for the whole batch from the same
+seeded generator; rank r then trains on samples r, r+K, r+2K, ... The ranks SUM their gradients
+(each already carries the 1/m of the full batch), so the step equals one learner on the whole
+batch up to float summation order. The all-reduce goes over a stateless gloo/NCCL process
+group (a TCP store on rank 0's node): the process's default torch.distributed group stays free
+for the ray.util.collective weight-sync group of rank 0 (:mod:`learner.weight_sync`).
+
+Non-finite losses or gradients never reach the weights: the optimizer step is skipped (on
+every rank alike: the decision is made after the all-reduce), counted in ``skipped_steps`` and
+reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import functools
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.config import AlgorithmConfig, DataConfig, LearnerConfig, ModelConfig
+from common.data import build_dataset
+from common.diffusion import policy_step
+from common.policy import build_policy, images_to_tensor
+from common.types import Trajectory
+from learner import checkpoint as ckpt
+from learner.advantages import RewardStatTracker, advantages_per_step
+from learner.losses import (
+    difficulty_weights,
+    kl_loss,
+    ppo_clipped_loss,
+    reconstruction_reward,
+    sample_sft_timesteps,
+    select_train_steps,
+    sft_diffusion_loss,
+    sft_inputs,
+    total_loss,
+)
+from learner.modes import loss_terms
+from learner.weight_sync import (
+    CollectiveEndpoint,
+    WeightLayout,
+    WeightPayload,
+    free_port,
+    node_address,
+)
+
+__all__ = ["Learner", "LearnerGroup", "create_learners"]
+
+log = logging.getLogger(__name__)
+
+#: Gradient all-reduce bucket size (as torch DDP's default).
+_ALLREDUCE_BUCKET_BYTES = 25 * 2**20
+#: Timeout of the data-parallel rendezvous and of each gradient all-reduce.
+DDP_TIMEOUT_S = 600.0
+#: Relative tolerance between a trajectory's recorded σ_t and the one recomputed here.
+_SIGMA_RTOL = 1e-4
+#: Ground truths kept in memory (uint8 images looked up by input id).
+_GT_CACHE = 512
+
+# Indices of the per-update statistics vector (summed over micro-batches, then over ranks).
+_S = {name: i for i, name in enumerate([
+    "loss", "rl", "sft", "kl",  # the weighted parts of L (already / m)
+    "rl_sum", "sft_sum", "kl_sum",  # Σ_i of the unweighted per-sample losses
+    "approx_kl_sum", "old_approx_kl_sum", "clipfrac_sum", "entries",  # PPO diagnostics over (i, step)
+    "nonfinite",  # micro-batch losses that were NaN/inf (not backpropagated)
+])}
+
+
+class Learner:
+    """Holds the policy, AdamW, the reward tracker, the reference policy and the training data.
+
+    Plain Python (testable in-process); :func:`create_learners` runs K of them as Ray actors.
+
+    Args:
+        model_cfg: the policy (built with :func:`common.policy.build_policy`; the frozen parts stay
+            float32 here — ``learner.precision=bf16`` autocasts the forward passes instead).
+        data_cfg: the training dataset, to look up each input's ground truth (and resolution).
+        algorithm: mode, reward, clip range, β_KL, tracker settings, ``timestep_fraction``.
+        learner_cfg: AdamW, grad clip, micro-batch size, PPO epochs, precision, seed.
+        rank, world_size: this learner's place among the data-parallel learners.
+        device: default ``cuda`` when ``num_gpus_per_learner > 0`` and CUDA is available, else CPU.
+    """
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        data_cfg: DataConfig,
+        algorithm: AlgorithmConfig,
+        learner_cfg: LearnerConfig,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device | None = None,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank: expected 0 <= rank < world_size ({world_size}), got {rank}")
+        self.rank, self.world_size = rank, world_size
+        self.model_cfg, self.data_cfg = model_cfg, data_cfg
+        self.algorithm, self.cfg = algorithm, learner_cfg
+        self.terms = loss_terms(algorithm.mode)
+        if device is None:
+            device = "cuda" if learner_cfg.num_gpus_per_learner > 0 and torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.policy = build_policy(model_cfg, data_cfg.resolution, dtype="float32").to(self.device).train()
+        self.params = self.policy.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=learner_cfg.lr, betas=tuple(learner_cfg.adam_betas), eps=learner_cfg.adam_eps,
+            weight_decay=learner_cfg.weight_decay,
+        )
+        self.tracker = RewardStatTracker(
+            algorithm.buffer_size, algorithm.min_count, algorithm.adv_clip, algorithm.advantage_norm
+        )
+        self.dataset = build_dataset(data_cfg, "train")
+        # The learner's only source of randomness (trained steps, SFT timesteps and noise). CPU, so
+        # draws do not depend on the device; identical on every rank.
+        self.generator = torch.Generator().manual_seed(learner_cfg.seed)
+        self._version = 0
+        self.optimizer_steps = 0
+        self.skipped_steps = 0
+        self._schedulers: dict[int, Any] = {}
+        self._pg: Any = None  # data-parallel process group (stateless)
+        self._store: Any = None
+        self._sync: CollectiveEndpoint | None = None
+        self._ray_metrics: dict[str, Any] | None = None
+        self._gt = functools.lru_cache(maxsize=_GT_CACHE)(self._load_gt)
+
+    # ------------------------------------------------------------------------------ basics
+    @property
+    def version(self) -> int:
+        """Policy version of the current weights: +1 for every update that changed them."""
+        return self._version
+
+    def get_version(self) -> int:
+        return self._version
+
+    def uses_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def get_weights(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """(version, {name: tensor}) of exactly the trainable tensors, cloned to CPU."""
+        return self._version, {k: v.cpu() for k, v in self.policy.trainable_state_dict(clone=True).items()}
+
+    def _load_gt(self, input_id: int) -> np.ndarray:
+        return self.dataset[input_id].gt
+
+    def _gt_images(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, H, W, 3] ground truths of the inputs."""
+        n = len(self.dataset)
+        bad = [int(i) for i in input_ids.tolist() if not 0 <= int(i) < n]
+        if bad:
+            raise IndexError(f"input ids {bad[:5]} outside the training dataset of {n} pairs")
+        return torch.from_numpy(np.stack([self._gt(int(i)) for i in input_ids.tolist()]))
+
+    def _scheduler(self, traj: Trajectory):
+        K = traj.num_steps
+        sched = self._schedulers.get(K)
+        if sched is None:
+            sched = copy.deepcopy(self.policy.scheduler)
+            sched.set_timesteps(K, device=self.device)
+            self._schedulers[K] = sched
+        if not torch.equal(sched.timesteps.cpu().to(torch.int64), traj.timesteps.cpu()):
+            raise ValueError(
+                f"Trajectory.timesteps {traj.timesteps.tolist()} differ from the policy scheduler's "
+                f"{sched.timesteps.tolist()} for K={K}: sampled with another schedule"
+            )
+        return sched
+
+    def _autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _model_fn(self, control: torch.Tensor):
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with self._autocast():
+                return self.policy.predict(x, t, control)  # returned in x's dtype (float32)
+
+        return model_fn
+
+    def _micro_batches(self, local: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.split(local, self.cfg.micro_batch_size))
+
+    # ------------------------------------------------------------------------------ update
+    def _rewards(self, traj: Trajectory, gt: torch.Tensor) -> torch.Tensor:
+        """r [B, R] (§2.3)."""
+        if self.algorithm.reward == "reconstruction":
+            return reconstruction_reward(traj.reward_images, gt)
+        r = traj.rewards
+        bad = ~torch.isfinite(r)
+        if bad.any():
+            i, k = (int(v) for v in torch.nonzero(bad)[0])
+            raise ValueError(
+                f"Trajectory.rewards: {int(bad.sum())} non-finite value(s), e.g. sample {i} (input id "
+                f"{int(traj.input_ids[i])}) at reward step {int(traj.reward_steps[k])} = {float(r[i, k])}; "
+                "algorithm.reward=iqa needs every score gathered from the reward service (never a silent 0)"
+            )
+        return r
+
+    def update(self, traj: Trajectory) -> dict[str, float]:
+        """One learner update on a rollout batch (module docstring); returns metrics.
+
+        Every data-parallel rank must call this with the same full batch.
+        """
+        t_start = time.perf_counter()
+        if not self.terms.needs_rollout:
+            raise ValueError(f"algorithm.mode={self.algorithm.mode!r} trains without rollout: use sft_update")
+        traj.validate()
+        B, K = traj.batch_size, traj.num_steps
+        version_before = self._version
+        sched = self._scheduler(traj)
+        gt = self._gt_images(traj.input_ids)  # uint8 [B, H, W, 3]
+        if gt.shape[1:] != traj.final_images.shape[1:]:
+            raise ValueError(
+                f"ground truth images are {list(gt.shape[1:])}, Trajectory.final_images {list(traj.final_images.shape[1:])}: "
+                "rollout and learner must use the same data.resolution"
+            )
+        metrics: dict[str, float] = {}
+
+        # 1.–2. rewards and advantages over the whole batch (§2.3, §2.4)           [B, R] → [B, K]
+        adv_steps = None
+        if self.terms.needs_reward:
+            rewards = self._rewards(traj, gt)
+            adv = self.tracker.update(traj.input_ids, rewards, traj.reward_steps)
+            adv_steps = advantages_per_step(adv, traj.reward_steps, K)
+            metrics["reward/mean"] = float(rewards.mean())
+            metrics["reward/final_mean"] = float(rewards[:, -1].mean())
+            metrics.update(self.tracker.stats())
+        # 3. difficulty weights over the whole batch (§2.5)                                    [B]
+        weights = difficulty_weights(traj.final_images, gt)
+        metrics["weights/mean"] = float(weights.mean())
+        metrics["weights/max_distance_rmse"] = float(
+            torch.sqrt(((traj.final_images.float() - gt.float()) / 255).square().mean(dim=(1, 2, 3))).max()
+        )
+
+        local = torch.arange(self.rank, B, self.world_size)  # this rank's shard of the batch
+        totals = torch.zeros(len(_S), dtype=torch.float64)
+        grad_norms, applied = [], 0
+        for _ in range(self.cfg.ppo_epochs):
+            # Draws for the WHOLE batch, in a fixed order: independent of rank, world size and
+            # micro-batching.                          train steps [B, n]; SFT t [B], noise [B, C, h, w]
+            train_steps = None
+            if self.terms.uses_rl:
+                train_steps = select_train_steps(
+                    K, traj.deterministic, self.algorithm.timestep_fraction, self.generator, batch_size=B
+                )
+            sft_t = sft_noise = None
+            if self.terms.uses_sft:
+                sft_t = sample_sft_timesteps(sched.config.num_train_timesteps, B, self.generator)
+                sft_noise = torch.randn(traj.latents.shape[:1] + traj.latents.shape[2:], generator=self.generator)
+            stats = torch.zeros(len(_S), dtype=torch.float64)
+            for idx in self._micro_batches(local):
+                self._backward_micro_batch(
+                    traj, sched, gt, idx, B, weights, adv_steps, train_steps, sft_t, sft_noise, stats
+                )
+            ok, grad_norm = self._optimizer_step(stats)
+            totals += stats
+            grad_norms.append(grad_norm)
+            applied += int(ok)
+        if applied:
+            self._version += 1
+
+        E = self.cfg.ppo_epochs
+        entries = max(totals[_S["entries"]].item(), 1.0)
+        for part in ("loss", "rl", "sft", "kl"):
+            metrics[f"losses/{'total' if part == 'loss' else part}"] = totals[_S[part]].item() / E
+        for part in ("rl", "sft", "kl"):
+            metrics[f"losses/{part}_raw"] = totals[_S[f"{part}_sum"]].item() / (B * E)
+        metrics.update({
+            "losses/approx_kl": totals[_S["approx_kl_sum"]].item() / entries,
+            "losses/old_approx_kl": totals[_S["old_approx_kl_sum"]].item() / entries,
+            "losses/clipfrac": totals[_S["clipfrac_sum"]].item() / entries,
+            "learner/grad_norm": float(np.mean(grad_norms)),
+            "learner/skipped": float(E - applied),
+            "learner/skipped_total": float(self.skipped_steps),
+            "learner/optimizer_steps": float(self.optimizer_steps),
+            "learner/version": float(self._version),
+            "learner/staleness": float(version_before - traj.policy_version),
+            "learner/batch_size": float(B),
+            "learner/step_seconds": time.perf_counter() - t_start,
+        })
+        self._record(metrics, E - applied, applied)
+        return metrics
+
+    def _backward_micro_batch(
+        self,
+        traj: Trajectory,
+        sched: Any,
+        gt: torch.Tensor,
+        idx: torch.Tensor,
+        m: int,
+        weights: torch.Tensor,
+        adv_steps: torch.Tensor | None,
+        train_steps: torch.Tensor | None,
+        sft_t: torch.Tensor | None,
+        sft_noise: torch.Tensor | None,
+        stats: torch.Tensor,
+    ) -> None:
+        """Accumulate the gradient of this micro-batch's share of L (see the module docstring)."""
+        dev = self.device
+        control = images_to_tensor(traj.control_images[idx], dev)  # [b, 3, H, W]
+        model_fn = self._model_fn(control)
+        w = weights[idx].to(dev)  # [b]
+        b = idx.numel()
+
+        # L_diff,i on the ground-truth latent with the pre-drawn t and noise (§2.6)           [b]
+        sft_i = None
+        if self.terms.uses_sft:
+            with torch.no_grad():
+                x0 = self.policy.encode_images(gt[idx])  # [b, C, h, w], posterior mean
+            t = sft_t[idx].to(dev)
+            noisy, target = sft_inputs(sched, x0, sft_noise[idx].to(dev), t)
+            sft_i = sft_diffusion_loss(model_fn(noisy, t), target)
+            stats[_S["sft_sum"]] += float(sft_i.detach().sum())
+
+        use_kl = self.terms.use_kl and self.algorithm.kl_coef > 0
+        n = train_steps.shape[1] if train_steps is not None else 1
+        for j in range(n):
+            rl_i = kl_i = None
+            if train_steps is not None:
+                k = train_steps[idx, j]  # [b] step index per sample
+                x_t = traj.latents[idx, k].to(dev)  # [b, C, h, w] state
+                action = traj.latents[idx, k + 1].to(dev)  # [b, C, h, w] recorded x_{t'}
+                t = traj.timesteps[k].to(dev)  # [b]
+                out = policy_step(sched, model_fn, x_t, t, traj.eta,
+                                  policy_target=self.algorithm.policy_target, prev_sample=action)
+                recorded = traj.sigmas[k].to(out.std)
+                if not torch.allclose(out.std, recorded, rtol=_SIGMA_RTOL, atol=1e-7):
+                    raise ValueError(
+                        f"σ_t recomputed with η={traj.eta} ({out.std.tolist()}) differs from the trajectory's "
+                        f"({recorded.tolist()}): rollout and learner disagree on the schedule or η"
+                    )
+                ppo = ppo_clipped_loss(
+                    out.log_prob[:, None], traj.log_probs[idx, k][:, None].to(dev),
+                    adv_steps[idx, k][:, None].to(dev), self.algorithm.clip_range,
+                )
+                rl_i = ppo.loss / n  # this step's share of L_rl,i                               [b]
+                stats[_S["rl_sum"]] += float(rl_i.detach().sum())
+                stats[_S["approx_kl_sum"]] += float(ppo.approx_kl) * b
+                stats[_S["old_approx_kl_sum"]] += float(ppo.old_approx_kl) * b
+                stats[_S["clipfrac_sum"]] += float(ppo.clipfrac) * b
+                stats[_S["entries"]] += b
+                if use_kl:
+                    with torch.no_grad(), self.policy.reference():
+                        ref = policy_step(sched, model_fn, x_t, t, traj.eta,
+                                          policy_target=self.algorithm.policy_target, prev_sample=action)
+                    kl_i = kl_loss(out.mean, ref.mean, out.std) / n  # [b]
+                    stats[_S["kl_sum"]] += float(kl_i.detach().sum())
+            sft_j = None
+            if sft_i is not None:
+                sft_j = sft_i if j == 0 else torch.zeros_like(sft_i)
+            parts = total_loss(
+                self.terms, weights=w, rl=rl_i, sft=sft_j, kl=kl_i,
+                kl_coef=self.algorithm.kl_coef, num_samples=m,
+            )
+            self._accumulate(parts, stats)
+
+    def _accumulate(self, parts: Any, stats: torch.Tensor) -> None:
+        loss = parts.loss
+        if not bool(torch.isfinite(loss)):
+            stats[_S["nonfinite"]] += 1  # never backpropagated; the step will be skipped
+            return
+        loss.backward()
+        stats[_S["loss"]] += float(loss.detach())
+        stats[_S["rl"]] += float(parts.rl.detach())
+        stats[_S["sft"]] += float(parts.sft.detach())
+        stats[_S["kl"]] += float(parts.kl.detach())
+
+    def _optimizer_step(self, stats: torch.Tensor) -> tuple[bool, float]:
+        """All-reduce (DP), clip, step — or skip on anything non-finite. Returns (applied, norm)."""
+        for p in self.params:
+            if p.grad is None:  # every rank must all-reduce the same tensors
+                p.grad = torch.zeros_like(p)
+        if self._pg is not None:
+            self._allreduce_([p.grad for p in self.params])
+            self._allreduce_([stats])
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        ok = stats[_S["nonfinite"]].item() == 0 and math.isfinite(grad_norm)
+        if ok:
+            self.optimizer.step()
+            self.optimizer_steps += 1
+        else:
+            self.skipped_steps += 1
+            log.warning("learner rank %d: non-finite loss or gradient (grad norm %s): optimizer step skipped "
+                        "(%d so far)", self.rank, grad_norm, self.skipped_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        return ok, grad_norm
+
+    # ------------------------------------------------------------------------------ SFT
+    def sft_update(self, input_ids: Sequence[int]) -> dict[str, float]:
+        """One step of plain SFT pre-training (``mode=sft``): uniform weight, no rollout.
+
+        L = (1/m) Σ_i L_diff,i on the ground-truth latents of ``input_ids``, conditioned on their
+        LQ images. Every data-parallel rank must get the same full id list.
+        """
+        t_start = time.perf_counter()
+        ids = torch.as_tensor([int(i) for i in input_ids], dtype=torch.int64)
+        if ids.numel() == 0:
+            raise ValueError("sft_update: no input ids")
+        m = ids.numel()
+        gt = self._gt_images(ids)  # uint8 [m, H, W, 3]
+        lq = torch.from_numpy(np.stack([self.dataset[int(i)].lq for i in ids.tolist()]))
+        sched = self.policy.scheduler
+        C, h, w = self.policy.latent_shape(self.data_cfg.resolution)
+        t_all = sample_sft_timesteps(sched.config.num_train_timesteps, m, self.generator)
+        noise_all = torch.randn((m, C, h, w), generator=self.generator)
+        terms = loss_terms("sft")
+        stats = torch.zeros(len(_S), dtype=torch.float64)
+        for idx in self._micro_batches(torch.arange(self.rank, m, self.world_size)):
+            with torch.no_grad():
+                x0 = self.policy.encode_images(gt[idx])
+            t = t_all[idx].to(self.device)
+            noisy, target = sft_inputs(sched, x0, noise_all[idx].to(self.device), t)
+            sft_i = sft_diffusion_loss(self._model_fn(images_to_tensor(lq[idx], self.device))(noisy, t), target)
+            stats[_S["sft_sum"]] += float(sft_i.detach().sum())
+            self._accumulate(total_loss(terms, sft=sft_i, num_samples=m), stats)
+        ok, grad_norm = self._optimizer_step(stats)
+        if ok:
+            self._version += 1
+        metrics = {
+            "losses/total": stats[_S["loss"]].item(),
+            "losses/sft": stats[_S["sft"]].item(),
+            "losses/sft_raw": stats[_S["sft_sum"]].item() / m,
+            "learner/grad_norm": grad_norm,
+            "learner/skipped": float(not ok),
+            "learner/skipped_total": float(self.skipped_steps),
+            "learner/optimizer_steps": float(self.optimizer_steps),
+            "learner/version": float(self._version),
+            "learner/batch_size": float(m),
+            "learner/step_seconds": time.perf_counter() - t_start,
+        }
+        self._record(metrics, int(not ok), int(ok))
+        return metrics
+
+    # ------------------------------------------------------------------------------ telemetry
+    def _record(self, metrics: dict[str, float], skipped: int, applied: int) -> None:
+        """``ray.util.metrics`` inside Ray (rank 0 only: the ranks take the same steps)."""
+        if self.rank != 0:
+            return
+        try:
+            import ray
+
+            if not ray.is_initialized():
+                return
+        except ImportError:
+            return
+        if self._ray_metrics is None:
+            from common.telemetry import ray_metric
+
+            self._ray_metrics = {
+                n: ray_metric(n) for n in ("learner_steps_total", "learner_step_seconds", "learner_loss", "reward_mean")
+            }
+            self._ray_metrics["policy_version"] = ray_metric("policy_version", {"role": "learner"})
+        m = self._ray_metrics
+        if applied:
+            m["learner_steps_total"].inc(applied, tags={"status": "applied"})
+        if skipped:
+            m["learner_steps_total"].inc(skipped, tags={"status": "skipped"})
+        m["learner_step_seconds"].observe(metrics["learner/step_seconds"])
+        for part in ("total", "rl", "sft", "kl"):
+            if f"losses/{part}" in metrics:
+                m["learner_loss"].set(metrics[f"losses/{part}"], tags={"part": part})
+        if "reward/mean" in metrics:
+            m["reward_mean"].set(metrics["reward/mean"])
+        m["policy_version"].set(self._version)
+
+    # ------------------------------------------------------------------------------ data parallel
+    def distributed_address(self) -> tuple[str, int]:
+        """(address, free port) on this node for the data-parallel TCP store (rank 0)."""
+        addr = node_address()
+        return addr, free_port(addr)
+
+    def init_distributed(self, master_addr: str, master_port: int, timeout_s: float = DDP_TIMEOUT_S) -> int:
+        """Join the data-parallel group of ``world_size`` learners (all ranks call it at once).
+
+        A stateless process group (not ``init_process_group``): see the module docstring.
+        """
+        import torch.distributed as dist
+
+        if self.world_size == 1:
+            return self.rank
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self._store = dist.TCPStore(master_addr, master_port, self.world_size, self.rank == 0, timeout=timeout)
+        prefix = dist.PrefixStore("restore_rl/learners", self._store)
+        if self.device.type == "cuda":
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            self._pg = dist.ProcessGroupNCCL(prefix, self.rank, self.world_size, opts)
+        else:
+            self._pg = dist.ProcessGroupGloo(prefix, self.rank, self.world_size, timeout)
+        self._allreduce_([torch.zeros(1, device=self.device)])  # fail here, not mid-update
+        return self.rank
+
+    def _allreduce_(self, tensors: list[torch.Tensor]) -> None:
+        """In-place SUM over the learners, in flat buckets of one dtype and device."""
+        bucket: list[torch.Tensor] = []
+        size = 0
+
+        def flush() -> None:
+            if not bucket:
+                return
+            flat = torch.cat([t.reshape(-1) for t in bucket]).to(self.device)
+            self._pg.allreduce([flat]).wait()
+            offset = 0
+            for t in bucket:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+            bucket.clear()
+
+        for t in tensors:
+            if bucket and (t.dtype != bucket[0].dtype or size + t.numel() * t.element_size() > _ALLREDUCE_BUCKET_BYTES):
+                flush()
+                size = 0
+            bucket.append(t)
+            size += t.numel() * t.element_size()
+        flush()
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def _config_snapshot(self) -> str:
+        import yaml
+
+        return yaml.safe_dump({
+            "model": self.model_cfg.model_dump(mode="json"),
+            "data": self.data_cfg.model_dump(mode="json"),
+            "algorithm": self.algorithm.model_dump(mode="json"),
+            "learner": self.cfg.model_dump(mode="json"),
+        }, sort_keys=False)
+
+    def save_checkpoint(
+        self,
+        run_dir: str | Path,
+        iteration: int,
+        *,
+        config_yaml: str | None = None,
+        keep: int | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> str:
+        """Write an atomic checkpoint (rank 0's job; :mod:`learner.checkpoint`); returns its path.
+
+        ``config_yaml``: the full experiment config (default: this learner's sections).
+        ``extra``: JSON-serialisable state of the caller (e.g. the driver's data order).
+        """
+        counters = {"optimizer_steps": self.optimizer_steps, "skipped_steps": self.skipped_steps}
+        path = ckpt.save_checkpoint(
+            run_dir, iteration, policy=self.policy, optimizer=self.optimizer,
+            tracker_state=self.tracker.state_dict(),
+            rng_state=ckpt.capture_rng_state({"learner": self.generator}),
+            policy_version=self._version,
+            config_yaml=config_yaml if config_yaml is not None else self._config_snapshot(),
+            extra={"learner": counters, **(extra or {})}, keep=keep,
+        )
+        return str(path)
+
+    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
+        """Restore weights, optimizer, tracker, RNGs and version (every rank loads the same one).
+
+        Returns ``{"iteration", "policy_version", "extra"}``.
+        """
+        c = ckpt.load_checkpoint(path)
+        ours = list(self.policy.trainable_state_dict(clone=False))
+        if c.trainable_names != ours:
+            raise ckpt.CheckpointError(
+                f"{c.path}: its trainable tensors ({len(c.trainable_names)}) are not this policy's ({len(ours)}): "
+                "resume with the model config it was trained with"
+            )
+        self.policy.load_trainable(c.trainable)
+        self.optimizer.load_state_dict(c.optimizer_state)
+        self.tracker.load_state_dict(c.tracker_state)
+        ckpt.restore_rng_state(c.rng_state, {"learner": self.generator})
+        self._version = c.policy_version
+        counters = c.extra.get("learner", {})
+        self.optimizer_steps = int(counters.get("optimizer_steps", 0))
+        self.skipped_steps = int(counters.get("skipped_steps", 0))
+        return {"iteration": c.iteration, "policy_version": c.policy_version, "extra": c.extra}
+
+    # ------------------------------------------------------------------------------ weight sync
+    def weight_layout(self, bucket_bytes: int) -> WeightLayout:
+        return WeightLayout.from_state(self.policy.trainable_state_dict(clone=False), bucket_bytes)
+
+    def export_weights(self, bucket_bytes: int) -> WeightPayload:
+        """Object-store sync: the current weights as a :class:`WeightPayload`."""
+        state = self.policy.trainable_state_dict(clone=False)
+        return WeightPayload.from_state(self._version, state, WeightLayout.from_state(state, bucket_bytes))
+
+    def weight_sync_address(self) -> tuple[str, int]:
+        addr = node_address()
+        return addr, free_port(addr)
+
+    def init_weight_sync(self, *, world_size: int, backend: str, master_addr: str, master_port: int,
+                         timeout_s: float, layout: WeightLayout) -> int:
+        """Join the weight-sync group as its rank 0 (:class:`learner.weight_sync.WeightSync`)."""
+        if self.rank != 0:
+            raise RuntimeError(f"learner rank {self.rank}: only rank 0 sends weights")
+        if self._sync is not None:
+            self._sync.close()
+        self._sync = CollectiveEndpoint(world_size=world_size, rank=0, backend=backend, master_addr=master_addr,
+                                        master_port=master_port, timeout_s=timeout_s, layout=layout,
+                                        device=self.device)
+        return 0
+
+    def broadcast_weights(self, version: int) -> int:
+        if self._sync is None:
+            raise RuntimeError("broadcast_weights: no weight-sync group (init_weight_sync first)")
+        if version != self._version:
+            raise RuntimeError(f"broadcast_weights: asked for version {version}, holds {self._version}")
+        self._sync.send(self._version, self.policy.trainable_state_dict(clone=False))
+        return self._version
+
+    def close_weight_sync(self) -> None:
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+
+
+# ---------------------------------------------------------------------------------- Ray actors
+def create_learners(
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    algorithm: AlgorithmConfig,
+    learner_cfg: LearnerConfig,
+    *,
+    placement_group: Any = None,
+    bundle_offset: int = 0,
+    timeout_s: float = DDP_TIMEOUT_S,
+) -> list[Any]:
+    """Start ``learner_cfg.num_learners`` Learner actors and join them into one DP group.
+
+    With ``placement_group``, learner r goes into bundle ``bundle_offset + r``. Returns the
+    actors, rank 0 first (see :class:`LearnerGroup` for the driver-side calls).
+    """
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    K = learner_cfg.num_learners
+    actors = []
+    for r in range(K):
+        opts: dict[str, Any] = {"num_cpus": learner_cfg.num_cpus_per_learner,
+                                "num_gpus": learner_cfg.num_gpus_per_learner}
+        if placement_group is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=placement_group, placement_group_bundle_index=bundle_offset + r)
+        actors.append(ray.remote(Learner).options(**opts).remote(
+            model_cfg, data_cfg, algorithm, learner_cfg, rank=r, world_size=K))
+    if K > 1:
+        addr, port = ray.get(actors[0].distributed_address.remote(), timeout=timeout_s)
+        ray.get([a.init_distributed.remote(addr, port, timeout_s) for a in actors], timeout=timeout_s + 30)
+    return actors
+
+
+class LearnerGroup:
+    """Driver-side handle on the K learner actors: every rank gets the same call."""
+
+    def __init__(self, actors: Sequence[Any], timeout_s: float | None = None):
+        if not actors:
+            raise ValueError("LearnerGroup: no learner actors")
+        self.actors = list(actors)
+        self.timeout_s = timeout_s
+
+    @property
+    def rank0(self) -> Any:
+        return self.actors[0]
+
+    def _all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        import ray
+
+        return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors], timeout=self.timeout_s)
+
+    def update(self, traj: Trajectory) -> dict[str, float]:
+        import ray
+
+        ref = ray.put(traj)  # one copy in the object store for all ranks
+        results = self._all("update", ref)
+        versions = {r["learner/version"] for r in results}
+        if len(versions) != 1:
+            raise RuntimeError(f"learners disagree on the version after an update: {sorted(versions)}")
+        return results[0]
+
+    def sft_update(self, input_ids: Sequence[int]) -> dict[str, float]:
+        return self._all("sft_update", list(input_ids))[0]
+
+    def version(self) -> int:
+        import ray
+
+        return ray.get(self.rank0.get_version.remote(), timeout=self.timeout_s)
+
+    def get_weights(self) -> tuple[int, dict[str, torch.Tensor]]:
+        import ray
+
+        return ray.get(self.rank0.get_weights.remote(), timeout=self.timeout_s)
+
+    def save_checkpoint(self, run_dir: str | Path, iteration: int, **kwargs: Any) -> str:
+        import ray
+
+        return ray.get(self.rank0.save_checkpoint.remote(str(run_dir), iteration, **kwargs), timeout=self.timeout_s)
+
+    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
+        return self._all("load_checkpoint", str(path))[0]

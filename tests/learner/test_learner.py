@@ -1,0 +1,212 @@
+"""The Learner on the tiny policy (DESIGN.md §2.4–§2.6): update direction, exact gradient
+accumulation, skipped non-finite steps, resume reproducibility, and data parallel = one learner."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.config import AlgorithmConfig, LearnerConfig, ModelConfig
+from common.diffusion import policy_step
+from common.policy import images_to_tensor
+from learner.learner import Learner, LearnerGroup, create_learners
+
+MODEL = ModelConfig(kind="tiny")
+#: Volatile metrics (wall time) left out when comparing two runs.
+_TIMING = {"learner/step_seconds"}
+
+
+def _learner(data_cfg, *, algo: dict | None = None, lc: dict | None = None, **kwargs) -> Learner:
+    algorithm = AlgorithmConfig(**{"mode": "adaptive", "policy_target": "standard", "kl_coef": 0.01, **(algo or {})})
+    learner_cfg = LearnerConfig(**{"lr": 1e-3, "micro_batch_size": 2, **(lc or {})})
+    return Learner(MODEL, data_cfg, algorithm, learner_cfg, **kwargs)
+
+
+@torch.no_grad()
+def _log_probs(learner: Learner, traj) -> torch.Tensor:
+    """log π_θ(recorded action | state) [B, K] under the learner's current weights."""
+    sched = learner._scheduler(traj)
+    control = images_to_tensor(traj.control_images, learner.device)
+    out = []
+    for k in range(traj.num_steps):
+        step = policy_step(sched, lambda x, t: learner.policy.predict(x, t, control), traj.latents[:, k],
+                           int(traj.timesteps[k]), traj.eta, policy_target=learner.algorithm.policy_target,
+                           prev_sample=traj.latents[:, k + 1])
+        out.append(step.log_prob)
+    return torch.stack(out, dim=1)
+
+
+def _metrics(m: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in m.items() if k not in _TIMING}
+
+
+def _weights(learner: Learner) -> dict[str, torch.Tensor]:
+    return learner.get_weights()[1]
+
+
+# ------------------------------------------------------------------------------ direction
+def test_update_raises_logprob_of_positive_advantage_and_lowers_negative(tiny_data_config, tiny_trajectory):
+    # One input, G = 2 samples; rewards 1 and 0 at the (only) rewarded last step. min_count 8 >
+    # 2 tracked rewards → batch statistics: μ = 0.5, σ = 0.5 → A = (+1, −1) (÷√(0.25 + 1e-6)).
+    traj = tiny_trajectory([0], num_steps=2, reward_steps="last", rewards=[[1.0], [0.0]])
+    learner = _learner(tiny_data_config, algo={"mode": "rl_only", "kl_coef": 0.0, "min_count": 8})
+    before = _log_probs(learner, traj)
+    # Before any update the recomputed log-prob is the sampled one (ratio 1, §2.1).
+    torch.testing.assert_close(before, traj.log_probs, atol=1e-5, rtol=0)
+    m = learner.update(traj)
+    assert m["learner/skipped"] == 0 and learner.version == 1
+    assert m["losses/approx_kl"] == pytest.approx(0.0, abs=1e-6)  # first epoch: ρ = 1
+    delta = (_log_probs(learner, traj) - before).sum(dim=1)  # summed over the K trained steps
+    assert delta[0] > 0, f"log-prob of the positive-advantage action fell: {delta.tolist()}"
+    assert delta[1] < 0, f"log-prob of the negative-advantage action rose: {delta.tolist()}"
+
+
+def test_iqa_reward_nan_is_a_clear_error(tiny_data_config, tiny_trajectory):
+    traj = tiny_trajectory([0, 1])  # no reward sink: NaN placeholders
+    learner = _learner(tiny_data_config)
+    with pytest.raises(ValueError, match=r"non-finite.*input id 0.*reward service"):
+        learner.update(traj)
+    assert learner.version == 0
+
+
+def test_reconstruction_reward_is_computed_by_the_learner(tiny_data_config, tiny_trajectory):
+    traj = tiny_trajectory([0, 1])  # rewards NaN: not read with algorithm.reward=reconstruction
+    learner = _learner(tiny_data_config, algo={"reward": "reconstruction"})
+    m = learner.update(traj)
+    assert -1.0 <= m["reward/mean"] < 0.0 and learner.version == 1
+
+
+# ------------------------------------------------------------------------------ normalisation
+def _capture_grads(learner: Learner) -> list[list[torch.Tensor]]:
+    """Record the (all-reduced, clipped) gradients each optimizer step applies."""
+    captured: list[list[torch.Tensor]] = []
+    step = learner.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        captured.append([p.grad.detach().clone() for p in learner.params])
+        return step(*args, **kwargs)
+
+    learner.optimizer.step = recording_step
+    return captured
+
+
+def test_micro_batching_equals_the_full_batch(tiny_data_config, tiny_trajectory):
+    """4 micro-batches of 1 accumulate the full-batch gradient.
+
+    Tolerance: every gradient element within 1e-4 × the largest one. Batch 1 and batch 4 run
+    other fp32 conv kernels, and the RL gradient carries 1/σ_t² (σ ≈ 0.02–0.04 at K = 2), which
+    amplifies that rounding to ~3e-5 of the largest element; a normalisation error would be O(1).
+    Weights after the AdamW step agree to 1e-5 (lr 1e-3): Adam's first step is lr·g/(|g| + eps).
+    """
+    traj = tiny_trajectory([0, 1], rewards=[[0.2, 0.9], [0.4, 0.1], [0.7, 0.3], [0.5, 0.5]])
+    runs = {}
+    for mb in (1, 4):
+        learner = _learner(tiny_data_config, algo={"timestep_fraction": 0.5}, lc={"micro_batch_size": mb})
+        grads = _capture_grads(learner)
+        m = learner.update(traj)
+        runs[mb] = (m, grads[0], _weights(learner))
+    (m1, g1, w1), (m4, g4, w4) = runs[1], runs[4]
+    for key in ("losses/total", "losses/rl", "losses/sft", "losses/kl", "learner/grad_norm"):
+        assert m1[key] == pytest.approx(m4[key], abs=1e-6), key
+    assert m1["learner/grad_norm"] > 0
+    scale = max(float(g.abs().max()) for g in g4)
+    for a, b in zip(g1, g4):
+        torch.testing.assert_close(a, b, atol=1e-4 * scale, rtol=0)
+    for name in w1:
+        torch.testing.assert_close(w1[name], w4[name], atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------ non-finite
+def test_non_finite_loss_skips_the_step_and_counts_it(tiny_data_config, tiny_trajectory):
+    traj = tiny_trajectory([0, 1], rewards=torch.rand(4, 2, generator=torch.Generator().manual_seed(1)))
+    bad = tiny_trajectory([0, 1], rewards=traj.rewards)
+    bad.log_probs[0, :] = float("nan")  # → NaN ratio → NaN loss in that micro-batch
+    learner = _learner(tiny_data_config)
+    w0 = _weights(learner)
+    m = learner.update(bad)
+    assert m["learner/skipped"] == 1 and m["learner/skipped_total"] == 1
+    assert learner.skipped_steps == 1 and learner.optimizer_steps == 0 and learner.version == 0
+    assert all(torch.equal(w0[k], v) for k, v in _weights(learner).items()), "a skipped step changed weights"
+    assert not learner.optimizer.state, "a skipped step touched the optimizer state"
+    assert all(p.grad is None for p in learner.params), "gradients of the skipped step were left behind"
+    m = learner.update(traj)  # the next good batch trains normally
+    assert m["learner/skipped"] == 0 and learner.version == 1 and learner.skipped_steps == 1
+
+
+# ------------------------------------------------------------------------------ SFT
+def test_sft_update_trains_and_bumps_the_version(tiny_data_config):
+    learner = _learner(tiny_data_config, algo={"mode": "sft"})
+    w0 = _weights(learner)
+    m = learner.sft_update([0, 1, 2])
+    assert learner.version == 1 and m["losses/sft"] == pytest.approx(m["losses/sft_raw"])  # uniform weight
+    assert any(not torch.equal(w0[k], v) for k, v in _weights(learner).items())
+    with pytest.raises(ValueError, match="sft_update"):
+        learner.update(None)  # mode sft has no rollout batch
+
+
+# ------------------------------------------------------------------------------ resume
+def test_resume_reproduces_losses_and_weights_exactly(tiny_data_config, tiny_trajectory, tmp_path):
+    """2 updates, checkpoint, 2 more == load the checkpoint in a fresh learner, 2 more (CPU, bit-exact)."""
+    gen = torch.Generator().manual_seed(3)
+    batches = [
+        tiny_trajectory(ids, policy_target="enhanced", rewards=torch.rand(4, 2, generator=gen))
+        for ids in ([0, 1], [2, 3], [0, 1], [2, 3])
+    ]
+    opts = {"algo": {"policy_target": "enhanced", "timestep_fraction": 0.5, "min_count": 2}, "lc": {"micro_batch_size": 2}}
+    a = _learner(tiny_data_config, **opts)
+    for traj in batches[:2]:
+        a.update(traj)
+    path = a.save_checkpoint(tmp_path, iteration=2, keep=3)
+    tail_a = [_metrics(a.update(traj)) for traj in batches[2:]]
+
+    b = _learner(tiny_data_config, **opts)
+    info = b.load_checkpoint(path)
+    assert info["iteration"] == 2 and info["policy_version"] == 2 == b.version
+    tail_b = [_metrics(b.update(traj)) for traj in batches[2:]]
+
+    assert tail_a == tail_b  # every loss, norm and tracker figure identical
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a.tracker.state_dict() == b.tracker.state_dict()
+    sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+
+
+# ------------------------------------------------------------------------------ data parallel
+@pytest.mark.slow
+def test_two_learners_equal_one_on_the_concatenated_batch(ray_local, tiny_data_config, tiny_trajectory):
+    """K = 2 Ray learner actors (gloo all-reduce) vs one in-process learner on the same batches.
+
+    Tolerance (fp32): atol 1e-6 on every metric (losses, grad norm, tracker figures) and weight.
+    Only the gradient summation order differs ((g0+g2)+(g1+g3) vs g0+g1+g2+g3; the actors also
+    run 1 thread, this process 2). ``adam_eps=1`` makes AdamW's step ≈ lr·g, linear in the
+    gradient, so the weights compare the all-reduced gradients themselves: with the default eps
+    Adam's first steps are ≈ lr·sign(g) and magnify rounding on near-zero elements to ~3e-5.
+    The two ranks are bit-identical to each other (they apply the same all-reduced gradient).
+    """
+    gen = torch.Generator().manual_seed(5)
+    batches = [tiny_trajectory([0, 1], policy_target="enhanced", rewards=torch.rand(4, 2, generator=gen)),
+               tiny_trajectory([2, 3], policy_target="enhanced", rewards=torch.rand(4, 2, generator=gen))]
+    algo = AlgorithmConfig(mode="adaptive", policy_target="enhanced", kl_coef=0.01, timestep_fraction=0.5, min_count=2)
+    lc = LearnerConfig(lr=0.1, adam_eps=1.0, micro_batch_size=1, num_learners=2, num_cpus_per_learner=1)
+    single = Learner(MODEL, tiny_data_config, algo, lc.model_copy(update={"num_learners": 1}))
+    group = LearnerGroup(create_learners(MODEL, tiny_data_config, algo, lc, timeout_s=120), timeout_s=300)
+    try:
+        for traj in batches:
+            m1 = single.update(traj)
+            m2 = group.update(traj)
+            for key, value in _metrics(m1).items():
+                assert m2[key] == pytest.approx(value, abs=1e-6), key
+        w1 = _weights(single)
+        (v0, w_r0), (v1, w_r1) = ray_local.get([a.get_weights.remote() for a in group.actors])
+        assert v0 == v1 == single.version == 2
+        for name in w1:
+            assert torch.equal(w_r0[name], w_r1[name]), f"ranks diverged on {name}"
+            torch.testing.assert_close(w_r0[name], w1[name], atol=1e-6, rtol=0)
+        w0 = _weights(Learner(MODEL, tiny_data_config, algo, lc.model_copy(update={"num_learners": 1})))
+        moved = max(float((w1[k] - w0[k]).abs().max()) for k in w1)
+        assert moved > 1e-3, f"weights barely moved ({moved}): the comparison would be vacuous"
+    finally:
+        for a in group.actors:
+            ray_local.kill(a)
