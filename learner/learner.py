@@ -165,6 +165,10 @@ class Learner:
         """Policy version of the current weights: +1 for every update that changed them."""
         return self._version
 
+    def num_inputs(self) -> int:
+        """Size of the training dataset (the driver draws input ids from it)."""
+        return len(self.dataset)
+
     def get_version(self) -> int:
         return self._version
 

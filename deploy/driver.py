@@ -1,0 +1,423 @@
+"""The Ray driver: the whole training loop as named, timed stages (DESIGN.md §1).
+
+    python -m deploy.driver --config FILE [--set k=v ...] [--resume auto|PATH]
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python -m deploy.driver --config deploy/configs/pasd_lol_gpu.yaml --resume auto
+
+One iteration: rollout → reward (overlapped: workers stream images to the reward service while
+they denoise) → advantages + update (in the learners) → weight_sync → checkpoint.
+
+Schedules: ``deploy.max_staleness: 0`` is synchronous. With ``max_staleness ≥ 1`` the next
+rollout starts, with the weights the workers hold, before the learner updates on the current
+batch; a batch is used only while ``learner_version − batch_version ≤ max_staleness``, otherwise
+it is dropped and counted.
+
+SIGTERM/SIGINT (e.g. ``ray job stop``): the in-flight iteration is abandoned, the last completed
+iteration is checkpointed if it was not already, and the driver exits; ``--resume auto``
+continues with the next iteration (none repeated, none skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from common.config import ExperimentConfig, add_config_args, config_from_args
+from deploy.outputs import RunDir, plot_curves, sample_grid
+
+log = logging.getLogger("restore_rl.driver")
+
+#: Round index of the fixed preview samples (before/after grids): never used by training.
+PREVIEW_ROUND = 1_000_003
+
+
+class StopRequested(Exception):
+    """SIGTERM/SIGINT arrived: leave the loop at the next safe point."""
+
+
+@dataclass
+class StageTimer:
+    """Wall time of each named stage of one iteration."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def input_ids_for_iteration(iteration: int, inputs_per_iteration: int, num_inputs: int, seed: int) -> list[int]:
+    """The inputs of one iteration: consecutive slices of per-epoch seeded permutations.
+
+    A pure function of (iteration, seed): a resumed run draws exactly what the original would have.
+    """
+    start = iteration * inputs_per_iteration
+    out = []
+    for pos in range(start, start + inputs_per_iteration):
+        epoch, offset = divmod(pos, num_inputs)
+        perm = np.random.default_rng([seed, epoch]).permutation(num_inputs)
+        out.append(int(perm[offset]))
+    return out
+
+
+def split_evenly(items: list[int], n: int) -> list[list[int]]:
+    """Split into ``n`` contiguous chunks whose sizes differ by at most one (empty chunks dropped)."""
+    k, r = divmod(len(items), n)
+    chunks, i = [], 0
+    for j in range(n):
+        size = k + (1 if j < r else 0)
+        chunks.append(items[i : i + size])
+        i += size
+    return [c for c in chunks if c]
+
+
+class Driver:
+    def __init__(self, cfg: ExperimentConfig, resume: str | None = None):
+        self.cfg = cfg
+        self.resume = resume
+        self.run = RunDir(Path(cfg.deploy.output_dir) / cfg.deploy.run_name)
+        self._stop = False
+        self._metrics: dict[str, Any] = {}
+        self.dropped_total = 0
+
+    # ------------------------------------------------------------------------------ set-up
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):  # noqa: ARG001
+            log.warning("received signal %s: stopping after checkpointing the last completed iteration", signum)
+            self._stop = True
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def _connect_ray(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        d = self.cfg.deploy
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if d.ray_address == "local" and not os.environ.get("RAY_ADDRESS"):
+            # A private local cluster on loopback (ENVIRONMENT.md: 127.0.0.1 is rewritten).
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+            ray.init(_node_ip_address=d.node_ip_address, namespace=d.namespace, include_dashboard=False,
+                     configure_logging=False, log_to_driver=False,
+                     num_cpus=max(os.cpu_count() or 1, self._cpus_needed()))
+        else:
+            # Inside `ray job submit` RAY_ADDRESS is set; "auto" finds the running cluster.
+            ray.init(address=None if d.ray_address == "local" else d.ray_address, namespace=d.namespace)
+
+    def _cpus_needed(self) -> int:
+        """Logical CPUs the job's actors reserve. A local cluster advertises at least this many:
+        on a small machine the actors share the cores (they mostly wait on each other)."""
+        c = self.cfg
+        n = c.learner.num_learners * c.learner.num_cpus_per_learner
+        if c.algorithm.uses_rollout:
+            n += c.rollout.num_workers * c.rollout.num_cpus_per_worker
+            replicas = c.reward.max_replicas if c.reward.autoscaling else c.reward.num_replicas
+            n += replicas * c.reward.num_cpus_per_replica
+        return int(n) + 1
+
+    def _get(self, refs: Any, timeout_s: float | None = None) -> Any:
+        """ray.get in short slices so a stop request is noticed while waiting."""
+        import ray
+
+        single = not isinstance(refs, list)
+        pending = [refs] if single else list(refs)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            if self._stop:
+                raise StopRequested()
+            _, not_ready = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+            if not not_ready:
+                out = ray.get(pending)
+                return out[0] if single else out
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{len(not_ready)} of {len(pending)} tasks not done after {timeout_s} s")
+
+    def _placement_group(self, role: str, n: int, cpus: float, gpus: float, custom: dict[str, float]):
+        from ray.util import placement_group
+
+        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **custom}
+        bundle = {k: v for k, v in bundle.items() if v}
+        pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK", name=f"restore-rl-{role}")
+        import ray
+
+        ready, _ = ray.wait([pg.ready()], timeout=120)
+        if not ready:
+            raise RuntimeError(
+                f"could not place {n} {role} actor(s) of {bundle} within 120 s: the cluster lacks the resources "
+                f"(available: {ray.available_resources()})"
+            )
+        return pg
+
+    def _start_reward(self) -> Any:
+        """The reward sink factory for rollout workers, or None when no IQA reward is needed."""
+        cfg = self.cfg
+        if not (cfg.algorithm.uses_rl and cfg.algorithm.reward == "iqa"):
+            return None
+        from reward_server.client import make_reward_sink_factory
+
+        if cfg.reward.endpoint:
+            log.info("reward: external endpoint %s", cfg.reward.endpoint)
+            return make_reward_sink_factory(cfg.reward)
+        from reward_server.serve_app import deploy
+
+        t0 = time.perf_counter()
+        deploy(cfg.reward, name="reward")
+        self._serve_started = True
+        log.info("reward: Serve app up (%s backend, %d replica(s)) in %.1f s", cfg.reward.backend,
+                 cfg.reward.num_replicas, time.perf_counter() - t0)
+        return make_reward_sink_factory(cfg.reward, app_name="reward")
+
+    # ------------------------------------------------------------------------------ the loop
+    def run_loop(self) -> int:
+        """Run the whole job; the actors and the reward app are torn down however it ends."""
+        try:
+            return self._run_loop()
+        finally:
+            self.shutdown()
+
+    def _run_loop(self) -> int:
+        import ray
+
+        from learner.checkpoint import resolve_resume
+        from learner.learner import create_learners
+        from learner.weight_sync import WeightSync
+        from rollout.worker import create_rollout_workers
+
+        cfg = self.cfg
+        self._install_signal_handlers()
+        self.run.write_config(cfg.to_yaml())
+        self._connect_ray()
+
+        uses_rollout = cfg.algorithm.uses_rollout
+        learner_pg = self._placement_group("learner", cfg.learner.num_learners, cfg.learner.num_cpus_per_learner,
+                                           cfg.learner.num_gpus_per_learner, cfg.learner.custom_resources)
+        learners = create_learners(cfg.model, cfg.data, cfg.algorithm, cfg.learner, placement_group=learner_pg)
+        self._actors = list(learners)
+        workers, sync = [], None
+        if uses_rollout:
+            sink_factory = self._start_reward()
+            rollout_pg = self._placement_group("rollout", cfg.rollout.num_workers, cfg.rollout.num_cpus_per_worker,
+                                               cfg.rollout.num_gpus_per_worker, cfg.rollout.custom_resources)
+            workers = create_rollout_workers(cfg.rollout, cfg.algorithm, cfg.model, cfg.data, sink_factory, rollout_pg)
+            self._actors += workers
+            sync = WeightSync.from_config(learners[0], workers, cfg.deploy.weight_sync)
+        num_inputs = self._get(learners[0].num_inputs.remote())
+
+        # Resume: learners load the checkpoint; workers get its weights.
+        start = 0
+        ckpt = None
+        if self.resume:
+            ckpt = resolve_resume(self.run.root, "latest" if self.resume == "auto" else self.resume)
+            if ckpt is None:
+                log.info("resume auto: no checkpoint in %s, starting fresh", self.run.checkpoints)
+            else:
+                info = self._get([lr.load_checkpoint.remote(str(ckpt)) for lr in learners])[0]
+                start = int(info["iteration"]) + 1
+                self.dropped_total = int(info["extra"].get("dropped_total", 0))
+                self.run.truncate_metrics_after(int(info["iteration"]))
+                print(f"resumed from {ckpt}: continuing at iteration {start} "
+                      f"(policy version {info['policy_version']})", flush=True)
+        elif self.run.metrics_path.exists():
+            raise RuntimeError(
+                f"{self.run.root} already holds a run: pass --resume auto to continue it, "
+                "or choose another deploy.run_name"
+            )
+        if sync is not None:
+            sync.setup()
+            if ckpt is not None:
+                sync.sync()
+
+        G = cfg.rollout.samples_per_input
+        n_inputs = cfg.rollout.batch_size // G
+        preview_ids = list(range(min(4, num_inputs)))
+        if uses_rollout and start == 0:
+            self._save_preview(workers, preview_ids, "samples_before.png")
+
+        last_done, last_ckpt = start - 1, start - 1
+        pending = None  # async: the rollout of the next iteration, in flight
+        progress = _progress(cfg, start)
+        try:
+            for it in range(start, cfg.deploy.iterations):
+                if self._stop:
+                    raise StopRequested()
+                timer = StageTimer()
+                record: dict[str, Any] = {"iteration": it}
+                ids = input_ids_for_iteration(it, n_inputs, num_inputs, cfg.rollout.seed)
+                if not uses_rollout:
+                    with timer.stage("update"):
+                        metrics = self._get([lr.sft_update.remote(ids) for lr in learners])[0]
+                else:
+                    with timer.stage("rollout"):
+                        refs = pending if pending is not None else self._launch_rollout(workers, ids, it)
+                        pending = None
+                        if cfg.deploy.max_staleness > 0 and it + 1 < cfg.deploy.iterations:
+                            # Async: workers start the next batch with the weights they hold now.
+                            nxt = input_ids_for_iteration(it + 1, n_inputs, num_inputs, cfg.rollout.seed)
+                            pending = self._launch_rollout(workers, nxt, it + 1)
+                        # reward is overlapped: workers gathered scores before returning
+                        trajs = self._get(refs)
+                    from common.types import Trajectory
+
+                    traj = Trajectory.concat(trajs)
+                    learner_version = self._get(learners[0].get_version.remote())
+                    staleness = learner_version - traj.policy_version
+                    record.update(staleness=staleness, batch_version=traj.policy_version)
+                    if staleness > cfg.deploy.max_staleness:
+                        self.dropped_total += traj.batch_size
+                        self._count_dropped(traj.batch_size)
+                        record.update(dropped=traj.batch_size, dropped_total=self.dropped_total)
+                        self.run.append_metrics(record)
+                        continue
+                    with timer.stage("update"):
+                        traj_ref = ray.put(traj)  # one copy in the object store for all ranks
+                        metrics = self._get([lr.update.remote(traj_ref) for lr in learners])[0]
+                    with timer.stage("weight_sync"):
+                        sync_info = sync.sync()
+                    record.update(sync_info)
+                    record.update(
+                        trajectories=traj.batch_size,
+                        trajectories_per_s=traj.batch_size / max(timer.seconds["rollout"], 1e-9),
+                    )
+                record.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})
+                if (it + 1) % cfg.deploy.checkpoint_every == 0 or it == cfg.deploy.iterations - 1:
+                    with timer.stage("checkpoint"):
+                        self._checkpoint(learners, it)
+                    last_ckpt = it
+                record.update({f"seconds/{k}": round(v, 4) for k, v in timer.seconds.items()},
+                              dropped_total=self.dropped_total)
+                record["seconds/iteration"] = round(sum(timer.seconds.values()), 4)
+                self.run.append_metrics(record)
+                self._report(record)
+                last_done = it
+                progress.update(1)
+                progress.set_postfix(_postfix(record))
+        except StopRequested:
+            log.warning("stopped at iteration %d", last_done + 1)
+            if last_done > last_ckpt:
+                self._checkpoint(learners, last_done)
+            progress.close()
+            self._finish(workers, preview_ids, final=False)
+            return 0
+        progress.close()
+        if pending is not None:
+            ray.get(pending)
+        self._finish(workers, preview_ids, final=True)
+        return 0
+
+    def shutdown(self) -> None:
+        """Kill this run's actors and the reward app (the Ray cluster itself stays up)."""
+        import ray
+
+        for a in getattr(self, "_actors", []):
+            with contextlib.suppress(Exception):
+                ray.kill(a)
+        self._actors = []
+        if getattr(self, "_serve_started", False):
+            from ray import serve
+
+            with contextlib.suppress(Exception):
+                serve.delete("reward")
+
+    def _launch_rollout(self, workers: list[Any], ids: list[int], it: int) -> list[Any]:
+        # Each worker gets a contiguous chunk of the inputs; chunks are sampled in parallel. A
+        # worker runs its calls in order, so in async mode the next batch queues behind this one.
+        chunks = split_evenly(ids, len(workers))
+        return [w.sample.remote(chunk, it) for w, chunk in zip(workers, chunks)]
+
+    def _checkpoint(self, learners: list[Any], iteration: int) -> None:
+        # Rank 0 writes (all ranks hold identical weights/optimizer/tracker after the update).
+        self._get(learners[0].save_checkpoint.remote(
+            str(self.run.root), iteration, config_yaml=self.cfg.to_yaml(), keep=self.cfg.deploy.keep_checkpoints,
+            extra={"dropped_total": self.dropped_total}))
+
+    def _save_preview(self, workers: list[Any], ids: list[int], name: str) -> None:
+        if not workers or not ids:
+            return
+        tr = self._get(workers[0].sample_preview.remote(ids, PREVIEW_ROUND))
+        rows = [(tr["lq"][i], tr["output"][i], tr["gt"][i]) for i in range(len(ids))]
+        sample_grid(rows, self.run.root / name)
+
+    def _finish(self, workers: list[Any], preview_ids: list[int], final: bool) -> None:
+        from deploy.outputs import read_metrics
+
+        records = read_metrics(self.run.metrics_path) if self.run.metrics_path.exists() else []
+        keys = [k for k in ("reward/mean", "losses/total", "trajectories_per_s") if any(k in r for r in records)]
+        if records and keys:
+            plot_curves(records, keys, self.run.root / "reward_curve.png", title=self.cfg.deploy.run_name)
+        if final and workers:
+            self._save_preview(workers, preview_ids, "samples_after.png")
+        print(f"outputs: {self.run.root.resolve()}", flush=True)
+
+    # ------------------------------------------------------------------------------ telemetry
+    def _report(self, record: dict[str, Any]) -> None:
+        try:
+            from common.telemetry import ray_metric
+
+            if not self._metrics:
+                self._metrics = {"staleness": ray_metric("staleness")}
+            if "staleness" in record:
+                self._metrics["staleness"].set(record["staleness"])
+        except Exception as err:  # metrics must never break training
+            log.debug("metrics: %s", err)
+
+    def _count_dropped(self, n: int) -> None:
+        try:
+            from common.telemetry import ray_metric
+
+            if "dropped" not in self._metrics:
+                self._metrics["dropped"] = ray_metric("dropped_trajectories_total")
+            self._metrics["dropped"].inc(n, tags={"reason": "stale"})
+        except Exception as err:
+            log.debug("metrics: %s", err)
+
+
+def _progress(cfg: ExperimentConfig, start: int):
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.deploy.iterations, initial=start, desc=cfg.deploy.run_name, unit="it",
+                disable=not cfg.logging.progress, file=sys.stderr, dynamic_ncols=True)
+
+
+def _postfix(record: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    if "reward/mean" in record:
+        out["reward"] = f"{record['reward/mean']:.4f}"
+    if "trajectories_per_s" in record:
+        out["img/s"] = f"{record['trajectories_per_s']:.2f}"
+    for key in ("losses/total", "loss"):
+        if key in record:
+            out["loss"] = f"{record[key]:.4g}"
+            break
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m deploy.driver", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(ap)
+    ap.add_argument("--resume", default=None, metavar="auto|PATH",
+                    help="continue from the latest checkpoint of the run (auto) or a checkpoint folder")
+    args = ap.parse_args(argv)
+    cfg = config_from_args(args)
+    logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return Driver(cfg, resume=args.resume).run_loop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
