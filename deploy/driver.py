@@ -91,6 +91,9 @@ class Driver:
         self.resume = resume
         self.run = RunDir(Path(cfg.deploy.output_dir) / cfg.deploy.run_name)
         self._stop = False
+        self._actors: list[Any] = []
+        self._pgs: list[Any] = []
+        self._serve_started = False
         self._metrics: dict[str, Any] = {}
         self.dropped_total = 0
 
@@ -153,7 +156,9 @@ class Driver:
 
         bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **custom}
         bundle = {k: v for k, v in bundle.items() if v}
-        pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK", name=f"restore-rl-{role}")
+        pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK",
+                             name=f"restore-rl-{self.cfg.deploy.run_name}-{role}")
+        self._pgs.append(pg)
         import ray
 
         ready, _ = ray.wait([pg.ready()], timeout=120)
@@ -302,6 +307,7 @@ class Driver:
                 record.update({f"seconds/{k}": round(v, 4) for k, v in timer.seconds.items()},
                               dropped_total=self.dropped_total)
                 record["seconds/iteration"] = round(sum(timer.seconds.values()), 4)
+                record["wall_time"] = time.time()
                 self.run.append_metrics(record)
                 self._report(record)
                 last_done = it
@@ -324,15 +330,21 @@ class Driver:
         """Kill this run's actors and the reward app (the Ray cluster itself stays up)."""
         import ray
 
-        for a in getattr(self, "_actors", []):
+        from ray.util import remove_placement_group
+
+        for a in self._actors:
             with contextlib.suppress(Exception):
                 ray.kill(a)
-        self._actors = []
-        if getattr(self, "_serve_started", False):
+        for pg in self._pgs:
+            with contextlib.suppress(Exception):
+                remove_placement_group(pg)
+        self._actors, self._pgs = [], []
+        if self._serve_started:
             from ray import serve
 
             with contextlib.suppress(Exception):
                 serve.delete("reward")
+            self._serve_started = False
 
     def _launch_rollout(self, workers: list[Any], ids: list[int], it: int) -> list[Any]:
         # Each worker gets a contiguous chunk of the inputs; chunks are sampled in parallel. A
