@@ -205,9 +205,9 @@ class Driver:
         from rollout.worker import create_rollout_workers
 
         cfg = self.cfg
-        self._install_signal_handlers()
         self.run.write_config(cfg.to_yaml())
         self._connect_ray()
+        self._install_signal_handlers()  # after ray.init, which installs its own SIGTERM handler
 
         uses_rollout = cfg.algorithm.uses_rollout
         learner_pg = self._placement_group("learner", cfg.learner.num_learners, cfg.learner.num_cpus_per_learner,
