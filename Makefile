@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench clean prometheus
 
 setup: $(STAMP)
 
@@ -34,14 +34,21 @@ $(STAMP): requirements/cpu.txt requirements/common.txt
 demo: setup
 	$(PY) -m deploy.demo
 
-test: setup
+# The monitoring test starts a real Prometheus server (Debian's package): install it when
+# missing and we are root (CI, these machines); elsewhere the test says how to get it.
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) || \
+	  echo "warning: could not install prometheus; the monitoring test will fail in CI"
+
+test: setup prometheus
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
-	for b in wire_codec; do $(PY) -m benchmarks.$$b || exit 1; done
+	for b in wire_codec rollout reward_service weight_sync system; do $(PY) -m benchmarks.$$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -41,7 +42,8 @@ def _free_port() -> int:
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(RAY_USAGE_STATS_ENABLED="0", GLOO_SOCKET_IFNAME="lo", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
+               VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1",
+               RAY_AUTH_MODE="disabled")  # a private test cluster on loopback: no token
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -68,6 +70,8 @@ def ray_head(tmp_path_factory):
         try:
             with urllib.request.urlopen(f"{address}/api/version", timeout=2):
                 break
+        except urllib.error.HTTPError:
+            break  # the dashboard answers (401 when Ray's token auth is on): it is up
         except OSError:
             assert proc.poll() is None, f"ray start exited: see {log.name}"
             time.sleep(1)
@@ -82,9 +86,17 @@ def ray_head(tmp_path_factory):
     log.close()
 
 
-def _submit(ray_head, args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
-    cmd = [RAY, "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO),
-           "--runtime-env", str(REPO / "deploy" / "runtime_env.yaml"), "--", "python", "-m", "deploy.driver", *args]
+def _job_status(ray_head, job_id: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    return str(JobSubmissionClient(ray_head["address"]).get_job_status(job_id).value)
+
+
+def _submit(ray_head, args: list[str], timeout_s: float, job_id: str) -> subprocess.CompletedProcess:
+    cmd = [RAY, "job", "submit", "--address", ray_head["address"], "--submission-id", job_id,
+           "--working-dir", str(REPO),
+           "--runtime-env", str(REPO / "deploy" / "runtime_env.yaml"), "--", sys.executable, "-m", "deploy.driver", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=_env(), cwd=REPO)
 
 
@@ -135,8 +147,10 @@ def test_demo_config_as_ray_job_sync_with_monitoring(ray_head, tmp_path):
     args = ["--config", str(DEMO.relative_to(REPO)), "--set", "deploy.iterations=2", "--set",
             f"deploy.output_dir={out}", "--set", "deploy.run_name=sync", "--set", "logging.progress=false",
             "--set", f"reward.cache_dir={REPO / '.cache' / 'restore-rl'}"]
-    cmd = [RAY, "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO), "--runtime-env",
-           str(REPO / "deploy" / "runtime_env.yaml"), "--", "python", "-m", "deploy.driver", *args]
+    job_id = f"rrl-sync-{os.getpid()}"
+    cmd = [RAY, "job", "submit", "--address", ray_head["address"], "--submission-id", job_id,
+           "--working-dir", str(REPO), "--runtime-env",
+           str(REPO / "deploy" / "runtime_env.yaml"), "--", sys.executable, "-m", "deploy.driver", *args]
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=REPO)
     seen: list[dict[str, float]] = []
     prom_rate = []
@@ -162,7 +176,7 @@ def test_demo_config_as_ray_job_sync_with_monitoring(ray_head, tmp_path):
             job.kill()
         prom.terminate()
         prom.wait(timeout=30)
-    assert job.returncode == 0 and "SUCCEEDED" in output, output[-3000:]
+    assert job.returncode == 0 and _job_status(ray_head, job_id) == "SUCCEEDED", output[-3000:]
     run = out / "sync"
     recs = _records(run)
     assert [r["iteration"] for r in recs] == [0, 1]
@@ -182,8 +196,10 @@ def test_async_schedule_as_ray_job(ray_head, tmp_path):
     args = ["--config", str(DEMO.relative_to(REPO)), *sum([["--set", s] for s in FAST], []),
             "--set", "deploy.iterations=3", "--set", "deploy.max_staleness=1", "--set", f"deploy.output_dir={out}",
             "--set", "deploy.run_name=async"]
-    proc = _submit(ray_head, args, timeout_s=600)
-    assert proc.returncode == 0 and "SUCCEEDED" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+    job_id = f"rrl-async-{os.getpid()}"
+    proc = _submit(ray_head, args, timeout_s=600, job_id=job_id)
+    assert proc.returncode == 0 and _job_status(ray_head, job_id) == "SUCCEEDED", \
+        proc.stdout[-3000:] + proc.stderr[-2000:]
     recs = _records(out / "async")
     assert [r["iteration"] for r in recs] == [0, 1, 2]
     # the next batch was sampled before the update on the previous one: staleness 1 after warm-up
