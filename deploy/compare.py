@@ -1,0 +1,177 @@
+"""The paper's comparison and ablations from one command (paper Tables 1 and 6, Figures 1 and 6).
+
+    python -m deploy.compare --config FILE [--set k=v ...] [--rows "Base,Base +Diff.SFT,Original"]
+                             [--iterations N] [--name NAME]
+
+Every arm starts from the same policy (the config's ``model``, including its
+``init_checkpoint``), the same seeds, data and iteration budget; only the algorithm overrides of
+its Table 6 row differ (``learner/modes.py``). ``Base`` is not trained. Each arm is then
+evaluated on the test split with the same evaluation noise and the same IQA scorer.
+
+Outputs in ``<deploy.output_dir>/<name>/``: ``table.md`` + ``table.json`` (one row per arm:
+PSNR, SSIM, LPIPS, FID when local weights are given, IQA), ``iqa_distribution.png`` (Figure 1:
+ground truth vs Base vs the RL arm), ``reward_curves.png`` (Figure 6: IQA vs reconstruction
+reward, when both arms ran), and per-arm run folders and evaluations.
+
+With ``--demo`` the arms start from the demo's cached SFT pre-training (as ``make demo`` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.config import ConfigError, ExperimentConfig, add_config_args, apply_overrides, load_config, parse_config
+from learner.modes import TABLE6_ROWS, table6_overrides
+
+log = logging.getLogger("restore_rl.compare")
+
+DEFAULT_ROWS = ["Base", "Base +Diff.SFT", "Original"]
+RL_ROW = "Original"
+REC_ROW = "with Rec."
+
+
+def slug(row: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", row.lower()).strip("-") or "arm"
+
+
+def arm_config(cfg: ExperimentConfig, row: str, name: str, iterations: int | None) -> ExperimentConfig:
+    """The config of one arm: the row's algorithm overrides, its own run folder, nothing else."""
+    data = apply_overrides(cfg.model_dump(mode="json"), table6_overrides(row))
+    data["deploy"]["run_name"] = f"{name}-{slug(row)}"
+    if iterations is not None:
+        data["deploy"]["iterations"] = iterations
+        data["deploy"]["checkpoint_every"] = iterations
+    return parse_config(data, source=f"arm {row!r}")
+
+
+def start_weights_digest(cfg: ExperimentConfig) -> str:
+    """sha256 of the trainable tensors the arm's policy starts from (built exactly as a learner does)."""
+    from common.policy import build_policy
+
+    policy = build_policy(cfg.model, cfg.data.resolution, dtype="float32")
+    h = hashlib.sha256()
+    for key, t in sorted(policy.trainable_state_dict(clone=False).items()):
+        h.update(key.encode())
+        h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_compare(cfg: ExperimentConfig, rows: list[str], name: str, iterations: int | None,
+                lpips_weights: str | None = None, fid_weights: str | None = None) -> dict[str, Any]:
+    from deploy.driver import Driver
+    from deploy.evaluate import build_eval_scorer, evaluate
+    from deploy.figures import iqa_distribution_figure, iqa_groups_from_results, reward_curve, reward_curves_figure
+
+    out = Path(cfg.deploy.output_dir) / name
+    out.mkdir(parents=True, exist_ok=True)
+    arms = {row: arm_config(cfg, row, name, iterations) for row in rows}
+    digests = {row: start_weights_digest(a) for row, a in arms.items()}
+    if len(set(digests.values())) != 1:
+        raise RuntimeError(f"arms would start from different weights: {digests}")
+    Driver(cfg)._connect_ray()
+    scorer = build_eval_scorer(cfg)
+    results, timings = {}, {}
+    for row, acfg in arms.items():
+        t0 = time.perf_counter()
+        run_root = Path(acfg.deploy.output_dir) / acfg.deploy.run_name
+        if TABLE6_ROWS.get(row) is None:  # "Base": evaluated untouched
+            ckpt: str | Path = "base"
+        else:
+            if run_root.exists():
+                import shutil
+
+                shutil.rmtree(run_root)
+            print(f"[compare] training {row!r} ({acfg.algorithm.mode}, reward {acfg.algorithm.reward}) "
+                  f"for {acfg.deploy.iterations} iterations", flush=True)
+            Driver(acfg).run_loop()
+            ckpt = run_root
+        res = evaluate(acfg, ckpt, out / "eval" / slug(row), scorer=scorer, label=row,
+                       lpips_weights=lpips_weights, fid_weights=fid_weights)
+        results[row] = res
+        timings[row] = round(time.perf_counter() - t0, 1)
+        print(f"[compare] {row}: PSNR {res.mean('psnr'):.2f}  SSIM {res.mean('ssim'):.4f}  "
+              f"IQA {res.mean('iqa'):.4f}  ({timings[row]} s)", flush=True)
+
+    table = []
+    for row, res in results.items():
+        table.append({"arm": row, "psnr": res.mean("psnr"), "ssim": res.mean("ssim"), "lpips": res.mean("lpips"),
+                      "fid": res.mean("fid"), "iqa": res.mean("iqa"), "seconds": timings[row],
+                      "start_weights_sha256": digests[row],
+                      "iterations": 0 if TABLE6_ROWS.get(row) is None else arms[row].deploy.iterations})
+    scorer_name = getattr(scorer, "name", type(scorer).__name__)
+    md = [f"# Comparison `{name}` (test split, same noise, IQA by {scorer_name})", "",
+          "| arm | PSNR ↑ | SSIM ↑ | LPIPS ↓ | FID ↓ | IQA ↑ | iterations |", "| --- | --- | --- | --- | --- | --- | --- |"]
+
+    def fmt(v: float | None, digits: int) -> str:
+        return "n/a (needs local weights)" if v is None else f"{v:.{digits}f}"
+
+    for r in table:
+        md.append(f"| {r['arm']} | {fmt(r['psnr'], 2)} | {fmt(r['ssim'], 4)} | {fmt(r['lpips'], 4)} | "
+                  f"{fmt(r['fid'], 2)} | {fmt(r['iqa'], 4)} | {r['iterations']} |")
+    md += ["", "PSNR: pyiqa psnr (RGB, data range 1). SSIM: pyiqa ssim (Y channel of YIQ, 0–255, valid window).",
+           f"All arms start from the same trainable weights (sha256 {next(iter(digests.values()))[:16]}…)."]
+    (out / "table.md").write_text("\n".join(md) + "\n")
+    (out / "table.json").write_text(json.dumps({"name": name, "rows": table}, indent=2) + "\n")
+
+    figures = {}
+    rl = RL_ROW if RL_ROW in results else next((r for r in rows if TABLE6_ROWS.get(r)), None)
+    if "Base" in results and rl is not None:
+        groups = iqa_groups_from_results({"Base": results["Base"], rl: results[rl]})
+        figures["iqa_distribution"] = str(iqa_distribution_figure(groups, out / "iqa_distribution.png"))
+    curves = {}
+    for row in (RL_ROW, REC_ROW):
+        if row in results:
+            metrics = Path(arms[row].deploy.output_dir) / arms[row].deploy.run_name / "metrics.jsonl"
+            xs, ys, _ = reward_curve(metrics)
+            curves[f"{row} ({arms[row].algorithm.reward} reward)"] = (xs, ys)
+    if curves:
+        figures["reward_curves"] = str(reward_curves_figure(curves, out / "reward_curves.png"))
+    print("\n".join(md), flush=True)
+    print(f"outputs: {out.resolve()}", flush=True)
+    return {"table": table, "figures": figures, "out": str(out)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m deploy.compare", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(ap)
+    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                    help=f"comma-separated Table 6 rows (known: {', '.join(TABLE6_ROWS)})")
+    ap.add_argument("--iterations", type=int, default=None, help="iteration budget of every trained arm")
+    ap.add_argument("--name", default="compare", help="output folder name under deploy.output_dir")
+    ap.add_argument("--demo", action="store_true", help="start from the demo's cached SFT pre-training")
+    ap.add_argument("--lpips-weights", default=None)
+    ap.add_argument("--fid-weights", default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+        for r in rows:
+            table6_overrides(r)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.demo:
+        from deploy.demo import pretrained_sft_checkpoint
+        from deploy.driver import Driver
+
+        Driver(cfg)._connect_ray()
+        init = pretrained_sft_checkpoint(cfg)
+        cfg = parse_config(apply_overrides(cfg.model_dump(mode="json"), [f"model.init_checkpoint={init}"]))
+    run_compare(cfg, rows, args.name, args.iterations, args.lpips_weights, args.fid_weights)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
