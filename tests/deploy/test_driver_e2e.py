@@ -73,17 +73,21 @@ def ray_head(tmp_path_factory):
         except urllib.error.HTTPError:
             break  # the dashboard answers (401 when Ray's token auth is on): it is up
         except OSError:
-            assert proc.poll() is None, f"ray start exited: see {log.name}"
+            if proc.poll() is not None:
+                pytest.fail(f"ray start exited: see {log.name}")
             time.sleep(1)
     else:
+        os.killpg(proc.pid, signal.SIGKILL)  # never leave a half-started head behind
         pytest.fail(f"Ray head did not come up in 120 s (log: {log.name})")
-    yield {"address": address, "metrics_port": ports["metrics"], "temp_dir": temp}
-    os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+        yield {"address": address, "metrics_port": ports["metrics"], "temp_dir": temp}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
 
 
 def _job_status(ray_head, job_id: str) -> str:
