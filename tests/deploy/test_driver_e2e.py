@@ -78,6 +78,7 @@ def ray_head(tmp_path_factory):
             time.sleep(1)
     else:
         os.killpg(proc.pid, signal.SIGKILL)  # never leave a half-started head behind
+        subprocess.run(["pkill", "-KILL", "-f", str(temp)], check=False)
         pytest.fail(f"Ray head did not come up in 120 s (log: {log.name})")
     try:
         yield {"address": address, "metrics_port": ports["metrics"], "temp_dir": temp}
@@ -87,6 +88,8 @@ def ray_head(tmp_path_factory):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        # Ray daemons that left the process group: matched by this head's own temp dir only.
+        subprocess.run(["pkill", "-KILL", "-f", str(temp)], check=False)
         log.close()
 
 
