@@ -80,6 +80,13 @@ class TinyModelConfig(_Section):
     )
     text_seq_len: int = F(8, description="Length of the fixed prompt embedding.", unit="tokens", ge=1)
     num_train_timesteps: int = F(1000, description="Training timesteps of the DDIM schedule.", unit="steps", ge=2)
+    vae_dir: Path | None = F(
+        None,
+        description="Trained tiny VAE (a diffusers AutoencoderKL folder, e.g. written by common.tiny_pretrain; "
+        "same latent_channels and vae_block_out_channels) used instead of the random one. None: random VAE "
+        "(fast tests; its decoder does not reconstruct images).",
+        unit="path",
+    )
 
 
 class ModelConfig(_Section):
@@ -99,14 +106,19 @@ class ModelConfig(_Section):
         unit="path",
     )
     init_checkpoint: Path | None = F(
-        None, description="Trainable weights to start from (e.g. the SFT pre-training checkpoint).", unit="path"
+        None,
+        description="Trainable weights to start from (e.g. the SFT pre-training checkpoint): a peft LoRA adapter, "
+        "a diffusers ControlNet folder, or unet/ + controlnet/ (finetune=full). Becomes the KL reference.",
+        unit="path",
     )
     tiny: TinyModelConfig = F(default_factory=TinyModelConfig, description="Tiny model shape (kind=tiny).")
     prediction_type: Literal["epsilon", "v_prediction"] = F(
         "epsilon", description="What the UNet predicts (SD-2.1-768 uses v_prediction)."
     )
-    finetune: Literal["lora", "controlnet_full"] = F(
-        "lora", description="Train LoRA adapters (peft) or the whole ControlNet. The UNet stays frozen."
+    finetune: Literal["lora", "controlnet_full", "full"] = F(
+        "lora",
+        description="Train LoRA adapters (peft) on the ControlNet, the whole ControlNet (UNet frozen), or `full`: "
+        "UNet and ControlNet (SFT pre-training of a policy whose UNet is not a restorer yet).",
     )
     lora_rank: int = F(4, description="LoRA rank r.", unit="rank", ge=1)
     lora_alpha: float = F(4.0, description="LoRA scaling alpha (scale = alpha / r).", gt=0)
@@ -123,6 +135,8 @@ class ModelConfig(_Section):
     def _check_source(self) -> "ModelConfig":
         if self.kind == "pretrained" and self.pretrained_dir is None:
             raise ValueError("kind=pretrained needs `pretrained_dir` (a local folder)")
+        if self.kind == "pretrained" and self.tiny.vae_dir is not None:
+            raise ValueError("tiny.vae_dir applies to kind=tiny only (kind=pretrained loads `<pretrained_dir>/vae`)")
         return self
 
 
@@ -336,7 +350,10 @@ class LearnerConfig(_Section):
     micro_batch_size: int = F(4, description="Samples per forward/backward (gradient accumulation).", unit="samples", ge=1)
     ppo_epochs: int = F(1, description="Passes over each rollout batch.", unit="epochs", ge=1)
     precision: Literal["fp32", "bf16"] = F("fp32", description="Autocast precision of the update.")
-    sft_steps: int = F(200, description="Optimizer steps of plain SFT pre-training (mode=sft).", unit="steps", ge=1)
+    sft_steps: int = F(
+        600, description="Optimizer steps of plain SFT pre-training (mode=sft; the demo's starting policy).",
+        unit="steps", ge=1,
+    )
     seed: int = F(0, description="Seed of SFT noise/timesteps and data order.")
 
 

@@ -6,10 +6,11 @@ a Gaussian action lives in :mod:`common.diffusion`; the denoising loop lives in 
 
 :class:`ControlNetPolicy` is the first implementation: a frozen ``UNet2DConditionModel`` steered
 by a ``ControlNetModel`` that sees the LQ image (``controlnet_cond``), a frozen ``AutoencoderKL``,
-a ``DDIMScheduler`` and one fixed prompt embedding computed once. Training adapts either LoRA
-adapters (peft) on chosen ControlNet modules or the whole ControlNet; the reference policy for
-the KL term (§2.6) is the same model with the adapters disabled, or a frozen copy of the initial
-ControlNet.
+a ``DDIMScheduler`` and one fixed prompt embedding computed once. Training adapts LoRA adapters
+(peft) on chosen ControlNet modules, the whole ControlNet, or UNet + ControlNet (``full``: SFT
+pre-training of a model whose UNet is not yet a restorer, e.g. the tiny demo policy); the
+reference policy for the KL term (§2.6) is the same model with the adapters disabled, or a frozen
+copy of the initial trainable parts.
 
 Conventions used throughout (B batch, C latent channels, h×w latent, H×W image, s = H/h):
 
@@ -54,17 +55,21 @@ __all__ = [
     "images_to_tensor",
     "images_to_uint8",
     "load_pretrained_policy",
+    "load_tiny_vae",
+    "tiny_vae",
 ]
 
 logger = logging.getLogger(__name__)
 
-Finetune = Literal["lora", "controlnet_full"]
+Finetune = Literal["lora", "controlnet_full", "full"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 #: File written by :meth:`ControlNetPolicy.save_pretrained` with the fixed prompt embedding
 #: (used by :func:`load_pretrained_policy` when the folder has no text encoder).
 PROMPT_EMBEDS_FILE = "prompt_embeds.safetensors"
 _LORA_CONFIG_FILE = "adapter_config.json"
+#: Sub-folders of a ``full`` trainable-weights folder (each a diffusers model folder).
+_FULL_PARTS = ("unet", "controlnet")
 _ADAPTER = "default"  # peft's adapter name
 
 
@@ -298,25 +303,46 @@ def _merge_lora_checkpoint(controlnet: ControlNetModel, path: Path) -> ControlNe
     return merged
 
 
-def _load_controlnet_weights(controlnet: ControlNetModel, path: Path) -> None:
-    """Copy the weights of a diffusers ControlNet folder into ``controlnet`` (same architecture)."""
-    from diffusers import ControlNetModel
-
-    _require_model_folder(path, "ControlNet", weights_stem="diffusion_pytorch_model")
+def _load_model_weights(module: nn.Module, path: Path, what: str) -> None:
+    """Copy the weights of a diffusers model folder into ``module`` (same class, same shapes)."""
+    _require_model_folder(path, what, weights_stem="diffusion_pytorch_model")
+    cls = type(module)
     try:
-        other = ControlNetModel.from_pretrained(str(path), local_files_only=True)
+        other = cls.from_pretrained(str(path), local_files_only=True)
     except Exception as err:
-        raise PolicyLoadError(f"{path}: could not load a ControlNetModel ({err})") from err
+        raise PolicyLoadError(f"{path}: could not load a {cls.__name__} ({err})") from err
     try:
-        controlnet.load_state_dict(other.state_dict(), strict=True)
+        module.load_state_dict(other.state_dict(), strict=True)
     except RuntimeError as err:
         raise PolicyLoadError(
-            f"{path}: ControlNet weights do not fit this policy's ControlNet ({err})"
+            f"{path}: {what} weights do not fit this policy's {what} ({err})"
         ) from err
 
 
-def _apply_init_checkpoint(controlnet: ControlNetModel, path: str | Path | None) -> ControlNetModel:
-    """Start from SFT (or other) weights: a LoRA adapter is merged, a ControlNet folder is loaded.
+def _load_controlnet_weights(controlnet: ControlNetModel, path: Path) -> None:
+    """Copy the weights of a diffusers ControlNet folder into ``controlnet`` (same architecture)."""
+    _load_model_weights(controlnet, path, "ControlNet")
+
+
+def _is_full_dir(path: Path) -> bool:
+    return all((path / part / "config.json").is_file() for part in _FULL_PARTS)
+
+
+def _load_full_weights(unet: UNet2DConditionModel, controlnet: ControlNetModel, path: Path) -> None:
+    """Load a ``full`` folder (``unet/`` + ``controlnet/``, diffusers) into ``unet`` and ``controlnet``."""
+    if not _is_full_dir(path):
+        raise PolicyLoadError(
+            f"{path}: expected unet/ and controlnet/ diffusers folders (a finetune=full checkpoint)"
+        )
+    _load_model_weights(unet, path / "unet", "UNet")
+    _load_model_weights(controlnet, path / "controlnet", "ControlNet")
+
+
+def _apply_init_checkpoint(
+    unet: UNet2DConditionModel, controlnet: ControlNetModel, path: str | Path | None
+) -> ControlNetModel:
+    """Start from SFT (or other) weights: a LoRA adapter is merged, a ControlNet folder is loaded,
+    a ``full`` folder (``unet/`` + ``controlnet/``) loads into both models (``unet`` in place).
 
     Merging makes the checkpoint part of the initial policy, so the KL reference (§2.6) is the
     checkpoint, and a fresh LoRA starts on top of it.
@@ -326,35 +352,41 @@ def _apply_init_checkpoint(controlnet: ControlNetModel, path: str | Path | None)
     path = Path(path)
     if not path.is_dir():
         raise PolicyLoadError(
-            f"init_checkpoint {path}: not a folder (expected a LoRA adapter or a ControlNet folder)"
+            f"init_checkpoint {path}: not a folder (expected a LoRA adapter, a ControlNet folder or "
+            "unet/ + controlnet/)"
         )
     if _is_lora_dir(path):
         return _merge_lora_checkpoint(controlnet, path)
     if (path / "config.json").is_file():
         _load_controlnet_weights(controlnet, path)
         return controlnet
+    if _is_full_dir(path):
+        _load_full_weights(unet, controlnet, path)
+        return controlnet
     raise PolicyLoadError(
-        f"init_checkpoint {path}: expected {_LORA_CONFIG_FILE} (a peft LoRA adapter) or config.json + "
-        "diffusion_pytorch_model.safetensors (a diffusers ControlNet)"
+        f"init_checkpoint {path}: expected {_LORA_CONFIG_FILE} (a peft LoRA adapter), config.json + "
+        "diffusion_pytorch_model.safetensors (a diffusers ControlNet) or unet/ + controlnet/ "
+        "(diffusers folders of a finetune=full checkpoint)"
     )
 
 
 # ------------------------------------------------------------------------------------- policy
 class ControlNetPolicy:
-    """UNet (frozen) + ControlNet on the LQ image (trainable: LoRA or full) + VAE (frozen) + DDIM.
+    """UNet + ControlNet on the LQ image + VAE (frozen) + DDIM; trains LoRA, the ControlNet, or both.
 
     Args:
-        unet: the frozen denoiser.
+        unet: the denoiser (frozen unless ``finetune="full"``).
         controlnet: the ControlNet (its weights are the initial policy).
         vae: the frozen autoencoder.
         scheduler: the DDIM scheduler defining ᾱ_t.
         prompt_embeds: float [1, L, D] — the fixed prompt embedding, computed once.
         finetune: ``lora`` (peft adapters on ``lora_target_modules`` of the ControlNet; reference =
-            adapters disabled) or ``controlnet_full`` (every ControlNet weight; reference = a frozen
-            copy of the initial ControlNet).
+            adapters disabled), ``controlnet_full`` (every ControlNet weight; reference = a frozen
+            copy of the initial ControlNet) or ``full`` (every UNet and ControlNet weight; reference
+            = frozen copies of both; trainable names are prefixed ``unet.`` / ``controlnet.``).
         lora_rank, lora_alpha, lora_target_modules: the LoRA adapters (scale = alpha / rank).
-        dtype: weights dtype of the frozen parts (UNet, VAE, reference copy). The trainable
-            ControlNet stays float32; inputs are cast at each module boundary.
+        dtype: weights dtype of the frozen parts (UNet, VAE, reference copies). Trainable models
+            stay float32; inputs are cast at each module boundary.
         seed: seed of the LoRA A initialisation (B is 0).
     """
 
@@ -381,8 +413,17 @@ class ControlNetPolicy:
         seed: int = 0,
     ):
         _check_components(unet, controlnet, vae, scheduler, prompt_embeds, where="ControlNetPolicy")
+        if finetune not in ("lora", "controlnet_full", "full"):
+            raise ValueError(
+                f"finetune: got {finetune!r}; expected 'lora', 'controlnet_full' or 'full'"
+            )
         frozen = _torch_dtype(dtype)
-        self.unet = _cast(unet, frozen).eval().requires_grad_(False)
+        self._reference_unet: UNet2DConditionModel | None = None
+        if finetune == "full":
+            self._reference_unet = _cast(copy.deepcopy(unet), frozen).eval().requires_grad_(False)
+            self.unet = _cast(unet, torch.float32).eval().requires_grad_(True)
+        else:
+            self.unet = _cast(unet, frozen).eval().requires_grad_(False)
         self.vae = _cast(vae, frozen).eval().requires_grad_(False)
         self.scheduler = scheduler
         self.prediction_type: str = scheduler.config.prediction_type
@@ -419,16 +460,17 @@ class ControlNetPolicy:
                     controlnet, _lora_config(lora_rank, lora_alpha, targets, untrained)
                 )
             self.controlnet = self._peft
-        elif finetune == "controlnet_full":
+        else:  # controlnet_full, full
             self._reference_controlnet = (
                 _cast(copy.deepcopy(controlnet), frozen).eval().requires_grad_(False)
             )
             self.controlnet = controlnet.requires_grad_(True)
-        else:
-            raise ValueError(f"finetune: got {finetune!r}; expected 'lora' or 'controlnet_full'")
         self.controlnet.eval()
         self._trainable_names = frozenset(
-            n for n, p in self.controlnet.named_parameters() if p.requires_grad
+            prefix + n
+            for prefix, module in self._trainable_modules().items()
+            for n, p in module.named_parameters()
+            if p.requires_grad
         )
 
     # -- properties ------------------------------------------------------------------------
@@ -496,9 +538,12 @@ class ControlNetPolicy:
             raise ShapeError(
                 f"timestep: expected an int, a 0-d tensor or shape [{B}], got shape {list(t.shape)}"
             )
-        cn = self.controlnet
-        if self._reference_depth > 0 and self._reference_controlnet is not None:
-            cn = self._reference_controlnet
+        cn, unet = self.controlnet, self.unet
+        if self._reference_depth > 0:
+            if self._reference_controlnet is not None:
+                cn = self._reference_controlnet
+            if self._reference_unet is not None:
+                unet = self._reference_unet
         cn_dtype = _dtype_of(cn)
         down, mid = cn(
             sample.to(cn_dtype),
@@ -508,8 +553,8 @@ class ControlNetPolicy:
             conditioning_scale=conditioning_scale,
             return_dict=False,
         )
-        ud = _dtype_of(self.unet)
-        out = self.unet(
+        ud = _dtype_of(unet)
+        out = unet(
             sample.to(ud),
             t,
             encoder_hidden_states=self.prompt_embeds.to(ud).expand(B, -1, -1),
@@ -562,15 +607,26 @@ class ControlNetPolicy:
         return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     # -- trainable weights -----------------------------------------------------------------
+    def _trainable_modules(self) -> dict[str, nn.Module]:
+        """{name prefix: module} of the models holding trainable weights."""
+        if self.finetune == "full":
+            return {"unet.": self.unet, "controlnet.": self.controlnet}
+        return {"": self.controlnet}
+
     def _trainable(self) -> dict[str, nn.Parameter]:
         # By name, fixed at construction: peft toggles requires_grad when adapters are disabled.
-        return {n: p for n, p in self.controlnet.named_parameters() if n in self._trainable_names}
+        return {
+            prefix + n: p
+            for prefix, module in self._trainable_modules().items()
+            for n, p in module.named_parameters()
+            if prefix + n in self._trainable_names
+        }
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self._trainable().values())
 
     def trainable_state_dict(self, clone: bool = True) -> dict[str, torch.Tensor]:
-        """{name: tensor} of exactly the trainable tensors (LoRA A/B, or the whole ControlNet).
+        """{name: tensor} of exactly the trainable tensors (LoRA A/B, the ControlNet, or both models).
 
         ``clone=False`` returns detached views that change when the weights are updated.
         """
@@ -603,11 +659,16 @@ class ControlNetPolicy:
         ``lora``: peft's adapter format (``adapter_config.json`` + ``adapter_model.safetensors``):
         ``PeftModel.from_pretrained(ControlNetModel.from_pretrained(base), directory)``.
         ``controlnet_full``: a diffusers folder: ``ControlNetModel.from_pretrained(directory)``.
+        ``full``: two diffusers folders: ``UNet2DConditionModel.from_pretrained(directory / "unet")``
+        and ``ControlNetModel.from_pretrained(directory / "controlnet")``.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self._peft is not None:
             self._peft.save_pretrained(str(directory))
+        elif self.finetune == "full":
+            self.unet.save_pretrained(str(directory / "unet"), safe_serialization=True)
+            self.controlnet.save_pretrained(str(directory / "controlnet"), safe_serialization=True)
         else:
             self.controlnet.save_pretrained(str(directory), safe_serialization=True)
         return directory
@@ -646,6 +707,8 @@ class ControlNetPolicy:
                     f"{directory}: adapter keys do not fit this ControlNet "
                     f"(unexpected: {list(result.unexpected_keys)[:3]}, missing: {lora_missing[:3]})"
                 )
+        elif self.finetune == "full":
+            _load_full_weights(self.unet, self.controlnet, directory)
         else:
             _load_controlnet_weights(self.controlnet, directory)
 
@@ -675,9 +738,11 @@ class ControlNetPolicy:
 
     # -- modes and devices -----------------------------------------------------------------
     def train(self, mode: bool = True) -> ControlNetPolicy:
-        """Train/eval mode of the trainable ControlNet; the frozen parts always stay in eval."""
+        """Train/eval mode of the trainable models; the frozen parts always stay in eval."""
         self.training = mode
         self.controlnet.train(mode)
+        if self.finetune == "full":
+            self.unet.train(mode)
         return self
 
     def eval(self) -> ControlNetPolicy:
@@ -687,8 +752,9 @@ class ControlNetPolicy:
         self.unet.to(device)
         self.vae.to(device)
         self.controlnet.to(device)
-        if self._reference_controlnet is not None:
-            self._reference_controlnet.to(device)
+        for ref in (self._reference_controlnet, self._reference_unet):
+            if ref is not None:
+                ref.to(device)
         self.prompt_embeds = self.prompt_embeds.to(device)
         return self
 
@@ -771,6 +837,7 @@ def build_policy(
             vae_block_out_channels=tuple(t.vae_block_out_channels),
             text_seq_len=t.text_seq_len,
             num_train_timesteps=t.num_train_timesteps,
+            vae_dir=t.vae_dir,
             **common,
         )
     else:
@@ -800,6 +867,49 @@ def _tiny_scheduler(num_train_timesteps: int, prediction_type: str) -> DDIMSched
     )
 
 
+def tiny_vae(
+    resolution: int = 64,
+    *,
+    latent_channels: int = 4,
+    vae_block_out_channels: tuple[int, ...] = (32, 64),
+) -> AutoencoderKL:
+    """The tiny policy's ``AutoencoderKL`` (latent downscale 2**(levels-1)), drawing its random
+    initial weights from the global torch RNG (callers seed or fork it)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_block_out_channels),
+        block_out_channels=tuple(vae_block_out_channels),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=min(32, math.gcd(*vae_block_out_channels)),
+        sample_size=resolution,
+    )
+
+
+def load_tiny_vae(
+    vae_dir: str | Path, *, latent_channels: int, vae_block_out_channels: tuple[int, ...]
+) -> AutoencoderKL:
+    """A trained tiny VAE (a diffusers folder, e.g. from :mod:`common.tiny_pretrain`), checked
+    against the tiny shape it must replace."""
+    from diffusers import AutoencoderKL
+
+    path = Path(vae_dir)
+    variant = _require_model_folder(path, "tiny VAE", weights_stem="diffusion_pytorch_model")
+    vae = _from_pretrained(AutoencoderKL, path, "tiny VAE", variant)
+    got = (vae.config.latent_channels, list(vae.config.block_out_channels))
+    want = (latent_channels, list(vae_block_out_channels))
+    if got != want:
+        raise PolicyLoadError(
+            f"model.tiny.vae_dir {path}: the VAE has latent_channels {got[0]}, block_out_channels "
+            f"{got[1]}; model.tiny expects latent_channels {want[0]}, vae_block_out_channels {want[1]}"
+        )
+    return vae
+
+
 def build_tiny_policy(
     resolution: int = 64,
     *,
@@ -825,9 +935,14 @@ def build_tiny_policy(
         "conv2",
     ),
     init_checkpoint: str | Path | None = None,
+    vae_dir: str | Path | None = None,
     dtype: DType = "float32",
 ) -> ControlNetPolicy:
     """Seeded tiny UNet + ControlNet + VAE (bit-identical for equal arguments).
+
+    The VAE is random unless ``vae_dir`` names a trained one (:func:`load_tiny_vae`; the CPU demo
+    pre-trains it with :mod:`common.tiny_pretrain`): a random VAE does not reconstruct images, so
+    only a trained one makes the policy's outputs look like photographs.
 
     Level 0 of the UNet has no attention (the 2× larger token grid); deeper levels cross-attend
     to the prompt. ``attention_head_dim`` is the width of one head (heads = channels / width).
@@ -837,11 +952,10 @@ def build_tiny_policy(
     tiny model has no text encoder, and a fixed random "prompt" conditions it just as well.
     ``resolution`` only sets ``sample_size`` in the configs; any multiple of the downscale works.
     """
-    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from diffusers import ControlNetModel, UNet2DConditionModel
 
     levels = len(block_out_channels)
     groups = min(32, math.gcd(*block_out_channels))
-    vae_groups = min(32, math.gcd(*vae_block_out_channels))
     vae_scale = 2 ** (len(vae_block_out_channels) - 1)
     for c in block_out_channels:
         if c % attention_head_dim:
@@ -884,20 +998,22 @@ def build_tiny_policy(
             controlnet.controlnet_mid_block,
         ):
             nn.init.normal_(conv.weight, std=0.02)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * len(vae_block_out_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(vae_block_out_channels),
-            block_out_channels=tuple(vae_block_out_channels),
-            layers_per_block=1,
-            latent_channels=latent_channels,
-            norm_num_groups=vae_groups,
-            sample_size=resolution,
+        vae = (
+            tiny_vae(
+                resolution,
+                latent_channels=latent_channels,
+                vae_block_out_channels=tuple(vae_block_out_channels),
+            )
+            if vae_dir is None
+            else load_tiny_vae(
+                vae_dir,
+                latent_channels=latent_channels,
+                vae_block_out_channels=tuple(vae_block_out_channels),
+            )
         )
     gen = torch.Generator().manual_seed(seed)
     prompt_embeds = torch.randn(1, text_seq_len, cross_attention_dim, generator=gen)
-    controlnet = _apply_init_checkpoint(controlnet, init_checkpoint)
+    controlnet = _apply_init_checkpoint(unet, controlnet, init_checkpoint)
     return ControlNetPolicy(
         unet,
         controlnet,
@@ -1073,7 +1189,7 @@ def load_pretrained_policy(
     _check_components(
         unet, controlnet, vae, scheduler, prompt_embeds, where=f"{root} (controlnet: {cn_dir})"
     )
-    controlnet = _apply_init_checkpoint(controlnet, init_checkpoint)
+    controlnet = _apply_init_checkpoint(unet, controlnet, init_checkpoint)
     return ControlNetPolicy(
         unet,
         controlnet,

@@ -13,7 +13,8 @@ PSNR, SSIM, LPIPS, FID when local weights are given, IQA), ``iqa_distribution.pn
 ground truth vs Base vs the RL arm), ``reward_curves.png`` (Figure 6: IQA vs reconstruction
 reward, when both arms ran), and per-arm run folders and evaluations.
 
-With ``--demo`` the arms start from the demo's cached SFT pre-training (as ``make demo`` does).
+With ``--demo`` the arms start from the demo's cached pre-trained tiny VAE and SFT policy (as
+``make demo`` does).
 """
 
 from __future__ import annotations
@@ -163,12 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.demo:
-        from deploy.demo import pretrained_sft_checkpoint
+        from deploy.demo import demo_rl_config
         from deploy.driver import Driver
 
         Driver(cfg)._connect_ray()
-        init = pretrained_sft_checkpoint(cfg)
-        cfg = parse_config(apply_overrides(cfg.model_dump(mode="json"), [f"model.init_checkpoint={init}"]))
+        cfg = demo_rl_config(cfg)  # the pre-trained tiny VAE and the cached SFT policy
     run_compare(cfg, rows, args.name, args.iterations, args.lpips_weights, args.fid_weights)
     return 0
 

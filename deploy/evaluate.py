@@ -198,7 +198,7 @@ def resolve_checkpoint(checkpoint: str | Path | None) -> CheckpointInfo:
     )
 
 
-_PATH_FIELDS = {"pretrained_dir", "controlnet_dir", "init_checkpoint"}
+_PATH_FIELDS = {"pretrained_dir", "controlnet_dir", "init_checkpoint", "vae_dir"}
 #: Model fields an evaluation may change without changing the policy's weights.
 _FREE_FIELDS = {"dtype"}
 

@@ -213,6 +213,70 @@ def test_full_checkpoint_loads_with_plain_diffusers(tmp_path):
     assert torch.equal(_predict(q), _predict(p))
 
 
+def test_full_finetune_trains_unet_and_controlnet_against_frozen_copies():
+    p = build_tiny_policy(RES, finetune="full")
+    names = set(p.trainable_state_dict())
+    n_unet = sum(1 for _ in p.unet.parameters())
+    n_cn = sum(1 for _ in p.controlnet.parameters())
+    assert len(names) == len(p.trainable_parameters()) == n_unet + n_cn
+    assert sum(n.startswith("unet.") for n in names) == n_unet
+    assert sum(n.startswith("controlnet.") for n in names) == n_cn
+    assert not any(q.requires_grad for q in p.vae.parameters())
+    x, t, c = _inputs()
+    p.train()
+    assert p.unet.training and p.controlnet.training and not p.vae.training
+    p.predict(x, t, c).square().mean().backward()
+    assert all(q.grad is not None for q in p.unet.parameters())
+    p.eval()
+
+    init = _predict(p)
+    _perturb_lora(p, scale=0.01)  # every trainable tensor: UNet and ControlNet
+    assert not torch.allclose(_predict(p), init, atol=1e-5)
+    assert torch.equal(_predict(p, reference=True), init)
+    # The reference is a copy: perturbing only the UNet changes the policy, not the reference.
+    q = build_tiny_policy(RES, finetune="full")
+    with torch.no_grad():
+        for w in q.unet.parameters():
+            w.add_(0.01)
+    assert not torch.allclose(_predict(q), init, atol=1e-5)
+    assert torch.equal(_predict(q, reference=True), init)
+
+
+def test_full_checkpoint_round_trip_and_init_checkpoint(tmp_path):
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    p = build_tiny_policy(RES, seed=3, finetune="full")
+    _perturb_lora(p, scale=0.01)
+    p.save_trainable(tmp_path / "full")
+    # Loadable without this project: two plain diffusers folders.
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "full" / "unet")
+    cn = ControlNetModel.from_pretrained(tmp_path / "full" / "controlnet")
+    assert all(torch.equal(v, p.unet.state_dict()[k]) for k, v in unet.state_dict().items())
+    assert all(torch.equal(v, p.controlnet.state_dict()[k]) for k, v in cn.state_dict().items())
+
+    # Resume: into a fresh full policy (state dict and folder).
+    q = build_tiny_policy(RES, seed=3, finetune="full")
+    q.load_trainable(tmp_path / "full")
+    assert torch.equal(_predict(q), _predict(p))
+    r = build_tiny_policy(RES, seed=3, finetune="full")
+    r.load_trainable_state_dict(p.trainable_state_dict())
+    assert torch.equal(_predict(r), _predict(p))
+    with pytest.raises(PolicyLoadError, match="expected unet/ and controlnet/"):
+        r.load_trainable(tmp_path / "full" / "unet")
+
+    # RL after full SFT: both models load, fresh LoRA adapters on the ControlNet start at zero,
+    # and the reference is the SFT policy.
+    rl = build_tiny_policy(RES, seed=3, finetune="lora", init_checkpoint=tmp_path / "full")
+    want = _predict(p)
+    torch.testing.assert_close(_predict(rl), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(_predict(rl, reference=True), want, rtol=0, atol=1e-6)
+    assert all(".lora_" in n for n in rl.trainable_state_dict())
+    assert not any(q.requires_grad for q in rl.unet.parameters())
+    # A full checkpoint of another UNet shape is refused, naming the folder.
+    with pytest.raises(PolicyLoadError, match="UNet weights do not fit"):
+        build_tiny_policy(RES, block_out_channels=(32, 32), init_checkpoint=tmp_path / "full")
+
+
 def test_init_checkpoint_lora_becomes_the_reference(tmp_path):
     a = build_tiny_policy(RES, seed=2)
     _perturb_lora(a)
