@@ -80,6 +80,19 @@ def ray_head(tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)  # never leave a half-started head behind
         subprocess.run(["pkill", "-KILL", "-f", str(temp)], check=False)
         pytest.fail(f"Ray head did not come up in 120 s (log: {log.name})")
+    # The dashboard answers before the job agent can take jobs ("No available agent to submit
+    # job"): submit a trivial job until one is accepted (bounded).
+    ready = False
+    while time.monotonic() < deadline + 120 and not ready:
+        probe = subprocess.run([RAY, "job", "submit", "--address", address, "--", sys.executable, "-c", "print(1)"],
+                               capture_output=True, text=True, timeout=120, env=_env())
+        ready = probe.returncode == 0
+        if not ready:
+            time.sleep(2)
+    if not ready:
+        os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-KILL", "-f", str(temp)], check=False)
+        pytest.fail(f"the Ray job agent never accepted a job: {probe.stdout[-500:]} {probe.stderr[-500:]}")
     try:
         yield {"address": address, "metrics_port": ports["metrics"], "temp_dir": temp}
     finally:
