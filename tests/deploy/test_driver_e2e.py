@@ -57,10 +57,15 @@ def _records(run_dir: Path) -> list[dict]:
 def ray_head(tmp_path_factory):
     """A Ray head started with the real CLI on loopback; stopped by ending its --block process."""
     temp = Path(f"/tmp/rrl-e2e-{os.getpid()}")
-    ports = {"port": _free_port(), "dashboard": _free_port(), "metrics": _free_port()}
+    # Every port chosen free: another Ray (e.g. the session's `ray_local`) may hold the defaults
+    # (the dashboard agent's 52365 in particular), and a clash leaves the job agent dead.
+    ports = {name: _free_port() for name in ("port", "dashboard", "metrics", "agent_http", "agent_grpc",
+                                              "runtime_env", "client")}
     cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.2", "--dashboard-host=127.0.0.1",
            f"--port={ports['port']}", f"--dashboard-port={ports['dashboard']}",
-           f"--metrics-export-port={ports['metrics']}", "--num-cpus=8", f"--temp-dir={temp}",
+           f"--metrics-export-port={ports['metrics']}", f"--dashboard-agent-listen-port={ports['agent_http']}",
+           f"--dashboard-agent-grpc-port={ports['agent_grpc']}", f"--runtime-env-agent-port={ports['runtime_env']}",
+           f"--ray-client-server-port={ports['client']}", "--num-cpus=8", f"--temp-dir={temp}",
            "--include-dashboard=true", "--disable-usage-stats"]
     log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
