@@ -73,6 +73,10 @@ _FULL_PARTS = ("unet", "controlnet")
 _ADAPTER = "default"  # peft's adapter name
 
 
+#: ControlNet modules that get LoRA adapters unless the config says otherwise.
+DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
+
+
 class PolicyLoadError(ValueError):
     """A model folder or checkpoint that cannot be used; the message names the path."""
 
@@ -401,14 +405,7 @@ class ControlNetPolicy:
         finetune: Finetune = "lora",
         lora_rank: int = 4,
         lora_alpha: float = 4.0,
-        lora_target_modules: list[str] | tuple[str, ...] = (
-            "to_q",
-            "to_k",
-            "to_v",
-            "to_out.0",
-            "conv1",
-            "conv2",
-        ),
+        lora_target_modules: list[str] | tuple[str, ...] = DEFAULT_LORA_TARGETS,
         dtype: DType | torch.dtype = "float32",
         seed: int = 0,
     ):
@@ -926,14 +923,7 @@ def build_tiny_policy(
     finetune: Finetune = "lora",
     lora_rank: int = 4,
     lora_alpha: float = 4.0,
-    lora_target_modules: list[str] | tuple[str, ...] = (
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "conv1",
-        "conv2",
-    ),
+    lora_target_modules: list[str] | tuple[str, ...] = DEFAULT_LORA_TARGETS,
     init_checkpoint: str | Path | None = None,
     vae_dir: str | Path | None = None,
     dtype: DType = "float32",
@@ -1104,14 +1094,7 @@ def load_pretrained_policy(
     finetune: Finetune = "lora",
     lora_rank: int = 4,
     lora_alpha: float = 4.0,
-    lora_target_modules: list[str] | tuple[str, ...] = (
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "conv1",
-        "conv2",
-    ),
+    lora_target_modules: list[str] | tuple[str, ...] = DEFAULT_LORA_TARGETS,
     init_checkpoint: str | Path | None = None,
     dtype: DType = "float32",
     seed: int = 0,
