@@ -33,6 +33,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from common.config import ExperimentConfig, add_config_args, config_from_args
+from common.types import Trajectory
 from deploy.outputs import RunDir, plot_curves, sample_grid
 
 log = logging.getLogger("restore_rl.driver")
@@ -277,8 +278,6 @@ class Driver:
                             pending = self._launch_rollout(workers, nxt, it + 1)
                         # reward is overlapped: workers gathered scores before returning
                         trajs = self._get(refs)
-                    from common.types import Trajectory
-
                     traj = Trajectory.concat(trajs)
                     learner_version = self._get(learners[0].get_version.remote())
                     staleness = learner_version - traj.policy_version
