@@ -50,8 +50,9 @@ class Trajectory:
         log_probs: float32 [B, K] — log π_old(x_{t'} | x_t, c), mean over latent elements (§2.1).
         timesteps: int64 [K] — the scheduler timestep t of each step (descending).
         sigmas: float32 [K] — σ_t of each step (η·DDIM variance^½); σ < 1e-8 means deterministic.
-        reward_steps: int64 [R] — indices k of the steps whose x̂0 was decoded and rewarded.
-        reward_images: uint8 [B, R, H, W, 3] — decoded x̂0 at the reward steps, RGB.
+        reward_steps: int64 [R] — indices k of the steps whose action is rewarded.
+        reward_images: uint8 [B, R, H, W, 3] — RGB, what the action of each reward step k led to:
+            the decoded x̂0 predicted from latents[:, k+1] (k < K−1), or the output (k = K−1).
         rewards: float32 [B, R] — r_{i,k} ∈ [0, 1] for IQA; NaN until the scores are gathered.
         final_images: uint8 [B, H, W, 3] — the restored output y_i (decoded final x_0), RGB.
         control_images: uint8 [B, H, W, 3] — the LQ condition c_i, RGB.

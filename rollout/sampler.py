@@ -111,30 +111,40 @@ def sample_trajectories(
     latents = [x]
     log_probs, sigmas, handles = [], [], []
     reward_images = []
+    rewarded = set(reward_idx)
 
     def model_fn(sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return policy.predict(sample, t, control)
 
+    def submit(k: int, img: torch.Tensor) -> None:
+        # img uint8 [B, H, W, 3]: what the action of step k led to, handed to the scorer now.
+        reward_images.append(img)
+        handles.append(sink.submit(img.numpy(), [f"{i}:{b % G}:{k}" for b, i in enumerate(ids.tolist())]))
+
     # 4. K DDIM-η steps (§2.1); the enhanced target (§2.2) costs one more model call per step.
+    #
+    # 5. Step-wise reward (§2.3, paper §4.2.3: R(s_t, a_t) = r(x̂_{t−1}, c)). The reward of the
+    #    action of step k scores the image it leads to: x̂0 predicted from the sampled x_{t'}, which
+    #    step k+1 computes anyway (no extra model call); for the last step, the output D(x_0).
+    #    Scoring the x̂0 that formed step k's own mean would be useless for RL: it is a function of
+    #    x_t alone, independent of the sampled action, so its policy gradient is zero in expectation.
     for k, t in enumerate(timesteps):
         z = _per_sample_randn(gens, latent_shape, device, torch.float32)
         out = policy_step(scheduler, model_fn, x, int(t), settings.eta, policy_target=settings.policy_target,
                           variance_noise=z)
+        if k - 1 in rewarded:  # x̂0(x_t): the result of step k−1's action
+            submit(k - 1, images_to_uint8(policy.decode_latents(out.pred_original_sample.float())).cpu())
         x = out.prev_sample.float()
         latents.append(x)
         log_probs.append(out.log_prob.float())
         sigmas.append(float(out.std.reshape(-1)[0]))  # σ_t depends on t only: same for the batch
-
-        # 5. Reward step: decode the x̂0 that formed the action mean to RGB and hand it over now.
-        if k in reward_idx:
-            img = images_to_uint8(policy.decode_latents(out.pred_original_sample.float())).cpu()  # [B, H, W, 3]
-            reward_images.append(img)
-            handles.append(sink.submit(img.numpy(), [f"{i}:{b % G}:{k}" for b, i in enumerate(ids.tolist())]))
         if on_step is not None:
             on_step(k)
 
-    # 6. The restored output y = D(x_0).                                       final [B, H, W, 3]
+    # 6. The restored output y = D(x_0), also the reward image of the last step.  final [B, H, W, 3]
     final = images_to_uint8(policy.decode_latents(x)).cpu()
+    if K - 1 in rewarded:
+        submit(K - 1, final)
 
     # 7. Gather the scores of every reward step.                                 rewards [B, R]
     scores = sink.gather(handles)

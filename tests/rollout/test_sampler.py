@@ -98,11 +98,36 @@ def test_reward_images_reach_the_sink_while_sampling_runs(tiny_policy, control):
     s = SamplerSettings(num_inference_steps=4, samples_per_input=1, reward_steps="all", policy_target="standard")
     tr = sample_trajectories(tiny_policy, control, [0, 1], s, policy_version=0, seed=0, sink=sink, on_step=on_step)
     sink.close()
-    assert submitted_at[0] == 0  # the first image was handed over before step 1 finished
+    # step 0's reward image (x̂0 of the state its action led to) is computed by step 1 and handed
+    # over before step 1 finished
+    assert submitted_at[0] == 1
     assert len(submitted_at) == 4
     # the gathered scores belong to the right images, in step order
     expect = tr.reward_images.float().mean(dim=(2, 3, 4)) / 255.0
     torch.testing.assert_close(tr.rewards, expect, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy_target", ["standard", "enhanced"])
+def test_each_reward_image_is_what_its_action_led_to(tiny_policy, control, policy_target):
+    """Paper §4.2.3: R(s_t, a_t) = r(x̂_{t−1}, c). The reward image of step k is x̂0 predicted from the
+    sampled x_{t'} = latents[:, k+1] (the last step's: the output), so it depends on the action's
+    noise; x̂0 predicted from x_t (what formed the action's own mean) would not."""
+    K = 4
+    s = SamplerSettings(num_inference_steps=K, samples_per_input=2, reward_steps="all", policy_target=policy_target)
+    tr = sample_trajectories(tiny_policy, control, [0, 1], s, policy_version=0, seed=3)
+    ctrl = images_to_tensor(tr.control_images, torch.device("cpu"))
+    sched = tiny_policy.scheduler
+    sched.set_timesteps(K)
+    with torch.no_grad():
+        for k in range(K - 1):
+            nxt = policy_step(sched, lambda x, t: tiny_policy.predict(x, t, ctrl), tr.latents[:, k + 1],
+                              int(tr.timesteps[k + 1]), s.eta, policy_target=policy_target,
+                              variance_noise=torch.zeros_like(tr.latents[:, 0]))
+            expect = tiny_policy.decode_latents(nxt.pred_original_sample)  # [B, 3, H, W] in [0, 1]
+            got = tr.reward_images[:, k].permute(0, 3, 1, 2).float() / 255.0
+            # uint8 rounding of the decoded image: at most half a level (+ float noise)
+            assert (got - expect).abs().max() <= 0.5 / 255 + 1e-4, k
+    assert torch.equal(tr.reward_images[:, K - 1], tr.final_images)
 
 
 def test_non_finite_scores_are_errors(tiny_policy, control):
