@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: setup demo test test-fast bench clean prometheus
+.PHONY: setup demo test test-fast bench study clean prometheus
 
 setup: $(STAMP)
 
@@ -49,6 +49,15 @@ test-fast: setup
 
 bench: setup
 	for b in wire_codec rollout reward_service weight_sync system; do $(PY) -m benchmarks.$$b || exit 1; done
+
+# The CPU study of the paper's comparison (deploy/configs/study_cpu.yaml; about 45 min on 2 cores):
+# the paper's arms, then the adaptive arm with the `increment` step reward (not in the paper).
+STUDY_ITERATIONS ?= 40
+study: setup
+	$(PY) -m deploy.compare --config deploy/configs/study_cpu.yaml --demo --iterations $(STUDY_ITERATIONS) \
+		--rows "Base,Base +Diff.SFT,Original,with Rec." --name study
+	$(PY) -m deploy.compare --config deploy/configs/study_cpu.yaml --demo --iterations $(STUDY_ITERATIONS) \
+		--rows "Original" --set algorithm.step_reward=increment --name study-increment
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -305,6 +305,12 @@ class AlgorithmConfig(_Section):
     policy_target: Literal["enhanced", "standard"] = F(
         "enhanced", description="Action mean from a refined x̂0 (paper 'Original') or the plain DDIM step ('with x_{t-1}')."
     )
+    step_reward: Literal["absolute", "increment"] = F(
+        "absolute",
+        description="`absolute`: each rewarded step's own score r_k (the paper); `increment`: r_k minus the "
+        "previous rewarded step's score (the first keeps r_k) - not in the paper, a variance reduction: the noise "
+        "x_T and earlier actions drop out of each step's advantage.",
+    )
     advantage_norm: Literal["track+batch", "track"] = F(
         "track+batch", description="Reward statistics: history plus this batch (paper), or history only ('Norm. from track')."
     )

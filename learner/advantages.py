@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-__all__ = ["ADVANTAGE_NORMS", "RewardStatTracker", "advantages_per_step"]
+__all__ = ["ADVANTAGE_NORMS", "RewardStatTracker", "advantages_per_step", "reward_increments"]
 
 AdvantageNorm = Literal["track+batch", "track"]
 ADVANTAGE_NORMS: tuple[str, ...] = ("track+batch", "track")
@@ -287,3 +287,20 @@ def advantages_per_step(
     # column of the first reward step ≥ k, for each k                                        [K]
     column = torch.searchsorted(steps, torch.arange(num_steps, device=steps.device))
     return advantages[:, column]
+
+
+def reward_increments(rewards: torch.Tensor) -> torch.Tensor:
+    """``algorithm.step_reward=increment``: what each rewarded step added, [B, R] → [B, R].
+
+    u_{i,0} = r_{i,0};  u_{i,j} = r_{i,j} − r_{i,j−1} for j ≥ 1 (columns are the rewarded steps, in
+    order). Not in the paper: a variance reduction for the step-wise reward. Across the G samples
+    of one input, most of the spread of r_{i,j} comes from the initial noise x_T and the earlier
+    actions, which the action of step j does not control; the score of the state it started from
+    (the previous rewarded image) is a baseline that removes that part. The increments telescope:
+    Σ_j u_{i,j} = r_{i,R−1}. With R = 1 (``reward_steps=last``) it is the identity.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards: expected [B, R], got shape {list(rewards.shape)}")
+    out = rewards.clone()
+    out[:, 1:] = rewards[:, 1:] - rewards[:, :-1]
+    return out

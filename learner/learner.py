@@ -58,7 +58,7 @@ from common.diffusion import policy_step
 from common.policy import build_policy, images_to_tensor
 from common.types import Trajectory
 from learner import checkpoint as ckpt
-from learner.advantages import RewardStatTracker, advantages_per_step
+from learner.advantages import RewardStatTracker, advantages_per_step, reward_increments
 from learner.losses import (
     difficulty_weights,
     kl_loss,
@@ -258,8 +258,9 @@ class Learner:
         # 1.–2. rewards and advantages over the whole batch (§2.3, §2.4)           [B, R] → [B, K]
         adv_steps = None
         if self.terms.needs_reward:
-            rewards = self._rewards(traj, gt)
-            adv = self.tracker.update(traj.input_ids, rewards, traj.reward_steps)
+            rewards = self._rewards(traj, gt)  # [B, R]
+            scored = reward_increments(rewards) if self.algorithm.step_reward == "increment" else rewards
+            adv = self.tracker.update(traj.input_ids, scored, traj.reward_steps)
             adv_steps = advantages_per_step(adv, traj.reward_steps, K)
             metrics["reward/mean"] = float(rewards.mean())
             metrics["reward/final_mean"] = float(rewards[:, -1].mean())

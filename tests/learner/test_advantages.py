@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from learner.advantages import RewardStatTracker, advantages_per_step
+from learner.advantages import RewardStatTracker, advantages_per_step, reward_increments
 
 SQRT_EPS = 1e-6  # the ε under the square root of A = (r − μ)/√(σ² + ε)
 
@@ -204,3 +204,14 @@ def test_advantages_per_step_take_the_next_rewarded_step():
         advantages_per_step(adv, torch.tensor([0, 1]), 4)
     with pytest.raises(ValueError, match="increasing"):
         advantages_per_step(adv, torch.tensor([1, 1]), 2)
+
+
+def test_reward_increments_hand_worked():
+    r = torch.tensor([[0.5, 0.75, 0.5], [0.25, 0.25, 1.0]])  # [B=2, R=3], rewarded steps in order
+    out = reward_increments(r)
+    assert out.tolist() == [[0.5, 0.25, -0.25], [0.25, 0.0, 0.75]]
+    torch.testing.assert_close(out.sum(dim=1), r[:, -1])  # they telescope to the last reward
+    assert torch.equal(reward_increments(r[:, 2:]), r[:, 2:])  # "last": identity
+    assert r.tolist()[0] == [0.5, 0.75, 0.5]  # the input is not modified
+    with pytest.raises(ValueError, match=r"\[B, R\]"):
+        reward_increments(r[0])

@@ -210,3 +210,22 @@ def test_two_learners_equal_one_on_the_concatenated_batch(ray_local, tiny_data_c
     finally:
         for a in group.actors:
             ray_local.kill(a)
+
+
+def test_increment_step_reward_feeds_the_tracker_what_each_step_added(tiny_data_config, tiny_trajectory):
+    # r_{i,j} = c_i + d_{i,j}: a per-sample offset (as from the initial noise) that no action
+    # controls. `increment` must train exactly as `absolute` on the increments would, and not as
+    # `absolute` on r does.
+    r = torch.tensor([[0.9, 0.8, 0.95], [0.1, 0.3, 0.2], [0.5, 0.45, 0.7], [0.4, 0.6, 0.5]])  # [B=4, R=3]
+    traj = tiny_trajectory([0, 1], num_steps=3, reward_steps="all", rewards=r.tolist())
+    inc = tiny_trajectory([0, 1], num_steps=3, reward_steps="all",
+                          rewards=(r - torch.cat([torch.zeros(4, 1), r[:, :-1]], dim=1)).tolist())
+    algo = {"mode": "rl_only", "kl_coef": 0.0}
+    a = _learner(tiny_data_config, algo={**algo, "step_reward": "increment"})
+    b = _learner(tiny_data_config, algo={**algo, "step_reward": "absolute"})
+    c = _learner(tiny_data_config, algo={**algo, "step_reward": "absolute"})
+    ma, mb, _ = a.update(traj), b.update(inc), c.update(traj)
+    assert ma["reward/mean"] == pytest.approx(float(r.mean()))  # the raw reward is still reported
+    for name, w in _weights(a).items():
+        torch.testing.assert_close(w, _weights(b)[name], rtol=0, atol=0)
+    assert any(not torch.equal(w, _weights(c)[name]) for name, w in _weights(a).items())
