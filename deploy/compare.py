@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import re
 import sys
 import time
@@ -53,6 +54,14 @@ def arm_config(cfg: ExperimentConfig, row: str, name: str, iterations: int | Non
         data["deploy"]["iterations"] = iterations
         data["deploy"]["checkpoint_every"] = iterations
     return parse_config(data, source=f"arm {row!r}")
+
+
+def iterations_per_pass(cfg: ExperimentConfig) -> int:
+    """Iterations that draw every training input once (the driver's per-pass permutations)."""
+    from common.data import build_dataset
+
+    per_iteration = cfg.rollout.batch_size // cfg.rollout.samples_per_input
+    return max(1, math.ceil(len(build_dataset(cfg.data, "train")) / per_iteration))
 
 
 def start_weights_digest(cfg: ExperimentConfig) -> str:
@@ -136,7 +145,8 @@ def run_compare(cfg: ExperimentConfig, rows: list[str], name: str, iterations: i
             xs, ys, _ = reward_curve(metrics)
             curves[f"{row} ({arms[row].algorithm.reward} reward)"] = (xs, ys)
     if curves:
-        figures["reward_curves"] = str(reward_curves_figure(curves, out / "reward_curves.png"))
+        window = iterations_per_pass(arms[next(r for r in (RL_ROW, REC_ROW) if r in results)])
+        figures["reward_curves"] = str(reward_curves_figure(curves, out / "reward_curves.png", pass_window=window))
     print("\n".join(md), flush=True)
     print(f"outputs: {out.resolve()}", flush=True)
     return {"table": table, "figures": figures, "out": str(out)}

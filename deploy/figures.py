@@ -184,6 +184,26 @@ def _ema(values: np.ndarray, alpha: float) -> np.ndarray:
     return out
 
 
+def pass_means(iterations: Sequence[int], values: Sequence[float], window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of ``values`` over aligned blocks of ``window`` iterations: [0, w), [w, 2w), ...
+
+    With ``window`` = iterations per pass over the training data, each block holds every input
+    once, so the block means are comparable (a single iteration's mean depends on which inputs it
+    drew). Returns (block centre iterations, block means); blocks with no value are left out.
+    """
+    if window < 1:
+        raise ValueError(f"window: expected >= 1 iteration, got {window}")
+    its = np.asarray(iterations, dtype=np.int64)
+    vals = np.asarray(values, dtype=np.float64)
+    if its.shape != vals.shape:
+        raise ValueError(f"pass_means: {its.size} iterations, {vals.size} values")
+    blocks = its // window
+    keys = np.unique(blocks)
+    centres = np.array([k * window + (window - 1) / 2 for k in keys], dtype=np.float64)
+    means = np.array([vals[blocks == k].mean() for k in keys], dtype=np.float64)
+    return centres, means
+
+
 def reward_curves_figure(
     curves: Mapping[str, tuple[Sequence[int], Sequence[float]]],
     path: str | Path,
@@ -191,9 +211,13 @@ def reward_curves_figure(
     title: str = "Reward curves",
     ylabels: Mapping[str, str] | None = None,
     smoothing: float = 0.6,
+    pass_window: int | None = None,
 ) -> Path:
     """Figure 6 style: one panel per run, the mean reward per iteration (thin) and its EMA with
-    weight ``smoothing`` (thick). ``curves``: {run label: (iterations, mean rewards)}."""
+    weight ``smoothing`` (thick). ``curves``: {run label: (iterations, mean rewards)}.
+
+    ``pass_window``: iterations per pass over the training data; the thick line is then the mean
+    over each pass (:func:`pass_means`) instead of the EMA."""
     if not curves:
         raise ValueError("reward_curves_figure: no curves")
     if not 0.0 <= smoothing < 1.0:
@@ -210,7 +234,12 @@ def reward_curves_figure(
             )
         c = colors[i % len(colors)]
         ax.plot(x, y, color=c, alpha=0.35, lw=1, marker="o" if x.size < 30 else None, ms=3)
-        ax.plot(x, _ema(y, smoothing), color=c, lw=2.2, label=f"EMA {smoothing}")
+        if pass_window is not None:
+            px, py = pass_means(x.astype(np.int64), y, pass_window)
+            ax.plot(px, py, color=c, lw=2.2, marker="s", ms=4,
+                    label=f"mean per pass over the data ({pass_window} it.)")
+        else:
+            ax.plot(x, _ema(y, smoothing), color=c, lw=2.2, label=f"EMA {smoothing}")
         ax.set_title(f"({chr(ord('a') + i)}) {label}", fontsize=10)
         ax.set_xlabel("iteration")
         ax.set_ylabel((ylabels or {}).get(label, "mean reward"))

@@ -7,7 +7,9 @@ import pytest
 from PIL import Image
 
 from common.config import load_config
-from deploy.compare import arm_config, start_weights_digest
+from deploy.compare import arm_config, iterations_per_pass, start_weights_digest
+from deploy.driver import input_ids_for_iteration
+from deploy.figures import pass_means
 
 DEMO = Path(__file__).resolve().parents[2] / "deploy" / "configs" / "demo_cpu.yaml"
 SMALL = ["data.resolution=32", "data.num_synthetic=8", "data.num_test=2", "rollout.num_inference_steps=3",
@@ -27,6 +29,25 @@ def test_arms_differ_only_in_their_row_and_run_name(tmp_path):
             assert arm["algorithm"][key] == value
     with pytest.raises(ValueError, match="Table 6 row"):
         arm_config(cfg, "with magic", "cmp", 2)
+
+
+def test_a_pass_of_iterations_draws_every_input_once():
+    # 8 inputs, batch 4 of G = 2 samples → 2 inputs per iteration → 4 iterations per pass
+    cfg = load_config(DEMO, [*SMALL, "rollout.samples_per_input=2"])
+    window = iterations_per_pass(cfg)
+    assert window == 4
+    for p in range(3):
+        drawn = [i for it in range(p * window, (p + 1) * window) for i in input_ids_for_iteration(it, 2, 8, seed=0)]
+        assert sorted(drawn) == list(range(8)), p
+
+
+def test_pass_means_hand_worked():
+    centres, means = pass_means([0, 1, 2, 3, 4, 6, 7], [1.0, 2.0, 3.0, 6.0, 10.0, 20.0, 30.0], window=4)
+    assert centres.tolist() == [1.5, 5.5] and means.tolist() == [3.0, 20.0]  # iteration 5 missing (dropped)
+    with pytest.raises(ValueError, match="window"):
+        pass_means([0], [1.0], window=0)
+    with pytest.raises(ValueError, match="2 iterations, 1 values"):
+        pass_means([0, 1], [1.0], window=2)
 
 
 @pytest.mark.slow

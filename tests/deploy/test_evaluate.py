@@ -424,6 +424,7 @@ def test_figure_6_reward_curves(workdir):
     assert key == "reward/mean" and its == list(range(20)) and len(vals) == 20
     curves = {"IQA reward": (its, vals), "Reconstruction reward": figures.reward_curve(rec)[:2]}
     _assert_real_png(figures.reward_curves_figure(curves, workdir / "fig6.png"))
+    _assert_real_png(figures.reward_curves_figure(curves, workdir / "fig6-passes.png", pass_window=4))
     with pytest.raises(ValueError, match="no finite reward_mean"):
         figures.reward_curve(iqa, key="reward_mean")
     # the CLI writes the same kind of figure
