@@ -295,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     f6.add_argument("--out", type=Path, required=True)
     f6.add_argument("--title", default="Reward curves")
+    f6.add_argument("--pass-window", type=int, default=None, metavar="N",
+                    help="iterations per pass over the training data: plot the mean per pass, not an EMA")
     args = parser.parse_args(argv)
     try:
         if args.figure == "iqa":
@@ -308,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, p in _pairs(args.run, "--run").items():
                 its, vals, _ = reward_curve(p, args.key)
                 curves[label] = (its, vals)
-            path = reward_curves_figure(curves, args.out, title=args.title)
+            path = reward_curves_figure(curves, args.out, title=args.title, pass_window=args.pass_window)
     except ValueError as err:
         print(f"error: {err}", file=__import__("sys").stderr)
         return 2

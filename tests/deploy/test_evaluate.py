@@ -438,6 +438,8 @@ def test_figure_6_reward_curves(workdir):
                 f"Rec={rec}",
                 "--out",
                 str(workdir / "f6.png"),
+                "--pass-window",
+                "4",
             ]
         )
         == 0
