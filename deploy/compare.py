@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from common.config import ConfigError, ExperimentConfig, add_config_args, apply_overrides, load_config, parse_config
@@ -62,6 +63,35 @@ def iterations_per_pass(cfg: ExperimentConfig) -> int:
 
     per_iteration = cfg.rollout.batch_size // cfg.rollout.samples_per_input
     return max(1, math.ceil(len(build_dataset(cfg.data, "train")) / per_iteration))
+
+
+def base_reward_curve(cfg: ExperimentConfig, iterations: int, scorer: Any) -> tuple[list[int], list[float]]:
+    """The untouched base policy's mean reward on each training iteration's inputs and noise.
+
+    An iteration's inputs and each trajectory's noise are pure functions of (seed, iteration,
+    input, sample) (``deploy.driver.input_ids_for_iteration``, ``rollout.sampler.trajectory_seed``),
+    the same in every arm. So this is a paired control for an arm's ``reward/mean`` curve: arm −
+    base is what training changed, not which inputs or noise an iteration happened to draw.
+    """
+    from deploy.driver import input_ids_for_iteration
+    from rollout.reward_sink import ThreadPoolSink
+    from rollout.worker import RolloutWorker, sampler_settings
+
+    sink = ThreadPoolSink(lambda images: scorer.score(list(images)).scores)
+    try:
+        worker = RolloutWorker(0, cfg.model, cfg.data, sampler_settings(cfg.rollout, cfg.algorithm),
+                               cfg.rollout.seed, lambda: sink)
+        per_iteration = cfg.rollout.batch_size // cfg.rollout.samples_per_input
+        num_inputs = worker.num_inputs()
+        its, rewards = [], []
+        for it in range(iterations):
+            ids = input_ids_for_iteration(it, per_iteration, num_inputs, cfg.rollout.seed)
+            traj = worker.sample(ids, round_index=it)
+            its.append(it)
+            rewards.append(float(traj.rewards.mean()))
+    finally:
+        sink.close()
+    return its, rewards
 
 
 def start_weights_digest(cfg: ExperimentConfig) -> str:
@@ -138,15 +168,27 @@ def run_compare(cfg: ExperimentConfig, rows: list[str], name: str, iterations: i
     if "Base" in results and rl is not None:
         groups = iqa_groups_from_results({"Base": results["Base"], rl: results[rl]})
         figures["iqa_distribution"] = str(iqa_distribution_figure(groups, out / "iqa_distribution.png"))
-    curves = {}
+    curves, baselines = {}, {}
     for row in (RL_ROW, REC_ROW):
         if row in results:
             metrics = Path(arms[row].deploy.output_dir) / arms[row].deploy.run_name / "metrics.jsonl"
             xs, ys, _ = reward_curve(metrics)
-            curves[f"{row} ({arms[row].algorithm.reward} reward)"] = (xs, ys)
+            label = f"{row} ({arms[row].algorithm.reward} reward)"
+            curves[label] = (xs, ys)
+            if row == RL_ROW and arms[row].algorithm.reward == "iqa":
+                print("[compare] base policy's reward on the same training inputs and noise", flush=True)
+                baselines[label] = base_reward_curve(arms[row], arms[row].deploy.iterations, scorer)
+                gain = [a - b for a, b in zip(ys, baselines[label][1])]
+                (out / "base_rewards.json").write_text(json.dumps(
+                    {"iterations": baselines[label][0], "base_reward_mean": baselines[label][1],
+                     "arm": row, "arm_reward_mean": ys, "gain": gain}, indent=2) + "\n")
+                print(f"[compare] {row}: training reward − base on the same draws: first pass "
+                      f"{np.mean(gain[:iterations_per_pass(arms[row])]):+.4f}, last pass "
+                      f"{np.mean(gain[-iterations_per_pass(arms[row]):]):+.4f}", flush=True)
     if curves:
         window = iterations_per_pass(arms[next(r for r in (RL_ROW, REC_ROW) if r in results)])
-        figures["reward_curves"] = str(reward_curves_figure(curves, out / "reward_curves.png", pass_window=window))
+        figures["reward_curves"] = str(reward_curves_figure(curves, out / "reward_curves.png", pass_window=window,
+                                                            baselines=baselines))
     print("\n".join(md), flush=True)
     print(f"outputs: {out.resolve()}", flush=True)
     return {"table": table, "figures": figures, "out": str(out)}

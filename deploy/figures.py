@@ -212,12 +212,14 @@ def reward_curves_figure(
     ylabels: Mapping[str, str] | None = None,
     smoothing: float = 0.6,
     pass_window: int | None = None,
+    baselines: Mapping[str, tuple[Sequence[int], Sequence[float]]] | None = None,
 ) -> Path:
     """Figure 6 style: one panel per run, the mean reward per iteration (thin) and its EMA with
     weight ``smoothing`` (thick). ``curves``: {run label: (iterations, mean rewards)}.
 
     ``pass_window``: iterations per pass over the training data; the thick line is then the mean
-    over each pass (:func:`pass_means`) instead of the EMA."""
+    over each pass (:func:`pass_means`) instead of the EMA. ``baselines``: {run label: (iterations,
+    rewards)} of the untouched base policy on the same inputs and noise, drawn grey in that panel."""
     if not curves:
         raise ValueError("reward_curves_figure: no curves")
     if not 0.0 <= smoothing < 1.0:
@@ -234,12 +236,18 @@ def reward_curves_figure(
             )
         c = colors[i % len(colors)]
         ax.plot(x, y, color=c, alpha=0.35, lw=1, marker="o" if x.size < 30 else None, ms=3)
-        if pass_window is not None:
-            px, py = pass_means(x.astype(np.int64), y, pass_window)
-            ax.plot(px, py, color=c, lw=2.2, marker="s", ms=4,
-                    label=f"mean per pass over the data ({pass_window} it.)")
-        else:
-            ax.plot(x, _ema(y, smoothing), color=c, lw=2.2, label=f"EMA {smoothing}")
+        series = [(x, y, c, "")]
+        if baselines and label in baselines:
+            bx, by = (np.asarray(a, dtype=np.float64) for a in baselines[label])
+            ax.plot(bx, by, color="0.5", alpha=0.35, lw=1)
+            series.append((bx, by, "0.4", "base policy, same draws: "))
+        for sx, sy, sc, prefix in series:
+            if pass_window is not None:
+                px, py = pass_means(sx.astype(np.int64), sy, pass_window)
+                ax.plot(px, py, color=sc, lw=2.2, marker="s", ms=4,
+                        label=f"{prefix}mean per pass over the data ({pass_window} it.)")
+            else:
+                ax.plot(sx, _ema(sy, smoothing), color=sc, lw=2.2, label=f"{prefix}EMA {smoothing}")
         ax.set_title(f"({chr(ord('a') + i)}) {label}", fontsize=10)
         ax.set_xlabel("iteration")
         ax.set_ylabel((ylabels or {}).get(label, "mean reward"))

@@ -69,3 +69,10 @@ def test_compare_on_cpu_demo_produces_table_and_figures(ray_local, tmp_path):
     for fig in ("iqa_distribution", "reward_curves"):
         with Image.open(out["figures"][fig]) as im:
             assert im.size[0] > 100 and im.size[1] > 100
+    # The paired control: the base policy on the same inputs and noise. At iteration 0 the arm
+    # still holds the base weights, so its reward equals the control's (up to batch-size-dependent
+    # float rounding of the convolutions, which can move a uint8 pixel and so the PIQE score).
+    base = json.loads((Path(out["out"]) / "base_rewards.json").read_text())
+    assert base["iterations"] == [0, 1] and base["arm"] == "Original"
+    assert base["gain"][0] == pytest.approx(0.0, abs=5e-3)
+    assert base["base_reward_mean"][0] == pytest.approx(base["arm_reward_mean"][0], abs=5e-3)
