@@ -240,19 +240,19 @@ def reward_curves_figure(
         if baselines and label in baselines:
             bx, by = (np.asarray(a, dtype=np.float64) for a in baselines[label])
             ax.plot(bx, by, color="0.5", alpha=0.35, lw=1)
-            series.append((bx, by, "0.4", "base policy, same draws: "))
+            series.append((bx, by, "0.4", "base, same draws: "))
         for sx, sy, sc, prefix in series:
             if pass_window is not None:
                 px, py = pass_means(sx.astype(np.int64), sy, pass_window)
                 ax.plot(px, py, color=sc, lw=2.2, marker="s", ms=4,
-                        label=f"{prefix}mean per pass over the data ({pass_window} it.)")
+                        label=f"{prefix}mean per data pass ({pass_window} it.)")
             else:
                 ax.plot(sx, _ema(sy, smoothing), color=sc, lw=2.2, label=f"{prefix}EMA {smoothing}")
         ax.set_title(f"({chr(ord('a') + i)}) {label}", fontsize=10)
         ax.set_xlabel("iteration")
         ax.set_ylabel((ylabels or {}).get(label, "mean reward"))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, frameon=False)
+        ax.legend(fontsize=7, frameon=True, framealpha=0.8, loc="best")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     path = Path(path)
