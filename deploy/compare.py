@@ -57,6 +57,22 @@ def arm_config(cfg: ExperimentConfig, row: str, name: str, iterations: int | Non
     return parse_config(data, source=f"arm {row!r}")
 
 
+def check_overrides_keep_rows(overrides: list[str], rows: list[str]) -> None:
+    """A ValueError when a ``--set`` names a key that a row sets: the row would silently win.
+
+    Each arm is its row's settings applied over the config (``arm_config``), so e.g.
+    ``--set algorithm.mode=rl_only --rows Original`` would train ``adaptive``.
+    """
+    keys = {o.split("=", 1)[0].strip(): o for o in overrides}
+    for row in rows:
+        for key, value in (TABLE6_ROWS.get(row) or {}).items():
+            if key in keys:
+                raise ValueError(
+                    f"--set {keys[key]} conflicts with row {row!r}, which sets {key}={value}: "
+                    "a row defines its algorithm settings (learner/modes.py TABLE6_ROWS)"
+                )
+
+
 def iterations_per_pass(cfg: ExperimentConfig) -> int:
     """Iterations that draw every training input once (the driver's per-pass permutations)."""
     from common.data import build_dataset
@@ -212,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r.strip() for r in args.rows.split(",") if r.strip()]
         for r in rows:
             table6_overrides(r)
+        check_overrides_keep_rows(args.overrides, rows)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

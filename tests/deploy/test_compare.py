@@ -76,3 +76,14 @@ def test_compare_on_cpu_demo_produces_table_and_figures(ray_local, tmp_path):
     assert base["iterations"] == [0, 1] and base["arm"] == "Original"
     assert base["gain"][0] == pytest.approx(0.0, abs=5e-3)
     assert base["base_reward_mean"][0] == pytest.approx(base["arm_reward_mean"][0], abs=5e-3)
+
+
+def test_a_set_that_a_row_would_override_is_an_error(capsys):
+    from deploy.compare import check_overrides_keep_rows, main
+
+    check_overrides_keep_rows(["learner.lr=0.01", "algorithm.step_reward=increment"], ["Base", "Original"])
+    with pytest.raises(ValueError, match=r"algorithm.mode=rl_only conflicts with row 'Original'.*adaptive"):
+        check_overrides_keep_rows(["algorithm.mode=rl_only"], ["Base", "Original"])
+    # the CLI refuses before it starts anything
+    assert main(["--config", str(DEMO), "--set", "algorithm.reward=reconstruction", "--rows", "Base,Original"]) == 2
+    assert "conflicts with row 'Original'" in capsys.readouterr().err
