@@ -185,24 +185,24 @@ def run_compare(cfg: ExperimentConfig, rows: list[str], name: str, iterations: i
         groups = iqa_groups_from_results({"Base": results["Base"], rl: results[rl]})
         figures["iqa_distribution"] = str(iqa_distribution_figure(groups, out / "iqa_distribution.png"))
     curves, baselines = {}, {}
-    for row in (RL_ROW, REC_ROW):
-        if row in results:
-            metrics = Path(arms[row].deploy.output_dir) / arms[row].deploy.run_name / "metrics.jsonl"
-            xs, ys, _ = reward_curve(metrics)
-            label = f"{row} ({arms[row].algorithm.reward} reward)"
-            curves[label] = (xs, ys)
-            if row == RL_ROW and arms[row].algorithm.reward == "iqa":
-                print("[compare] base policy's reward on the same training inputs and noise", flush=True)
-                baselines[label] = base_reward_curve(arms[row], arms[row].deploy.iterations, scorer)
-                gain = [a - b for a, b in zip(ys, baselines[label][1])]
-                (out / "base_rewards.json").write_text(json.dumps(
-                    {"iterations": baselines[label][0], "base_reward_mean": baselines[label][1],
-                     "arm": row, "arm_reward_mean": ys, "gain": gain}, indent=2) + "\n")
-                print(f"[compare] {row}: training reward − base on the same draws: first pass "
-                      f"{np.mean(gain[:iterations_per_pass(arms[row])]):+.4f}, last pass "
-                      f"{np.mean(gain[-iterations_per_pass(arms[row]):]):+.4f}", flush=True)
+    curve_rows = [r for r in (RL_ROW, REC_ROW) if r in results]
+    window = iterations_per_pass(arms[curve_rows[0]]) if curve_rows else 1
+    for row in curve_rows:
+        metrics = Path(arms[row].deploy.output_dir) / arms[row].deploy.run_name / "metrics.jsonl"
+        xs, ys, _ = reward_curve(metrics)
+        label = f"{row} ({arms[row].algorithm.reward} reward)"
+        curves[label] = (xs, ys)
+        if row == RL_ROW and arms[row].algorithm.reward == "iqa":
+            print("[compare] base policy's reward on the same training inputs and noise", flush=True)
+            baselines[label] = base_reward_curve(arms[row], arms[row].deploy.iterations, scorer)
+            base = dict(zip(*baselines[label]))
+            gain = [y - base[x] for x, y in zip(xs, ys)]  # by iteration: a dropped batch has no reward
+            (out / "base_rewards.json").write_text(json.dumps(
+                {"iterations": baselines[label][0], "base_reward_mean": baselines[label][1], "arm": row,
+                 "arm_iterations": xs, "arm_reward_mean": ys, "gain": gain}, indent=2) + "\n")
+            print(f"[compare] {row}: training reward − base on the same draws: first pass "
+                  f"{np.mean(gain[:window]):+.4f}, last pass {np.mean(gain[-window:]):+.4f}", flush=True)
     if curves:
-        window = iterations_per_pass(arms[next(r for r in (RL_ROW, REC_ROW) if r in results)])
         figures["reward_curves"] = str(reward_curves_figure(curves, out / "reward_curves.png", pass_window=window,
                                                             baselines=baselines))
     print("\n".join(md), flush=True)

@@ -73,7 +73,7 @@ def test_compare_on_cpu_demo_produces_table_and_figures(ray_local, tmp_path):
     # still holds the base weights, so its reward equals the control's (up to batch-size-dependent
     # float rounding of the convolutions, which can move a uint8 pixel and so the PIQE score).
     base = json.loads((Path(out["out"]) / "base_rewards.json").read_text())
-    assert base["iterations"] == [0, 1] and base["arm"] == "Original"
+    assert base["iterations"] == base["arm_iterations"] == [0, 1] and base["arm"] == "Original"
     assert base["gain"][0] == pytest.approx(0.0, abs=5e-3)
     assert base["base_reward_mean"][0] == pytest.approx(base["arm_reward_mean"][0], abs=5e-3)
 
