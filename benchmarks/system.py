@@ -10,7 +10,10 @@ weight sync):
 * ``async_vs_sync_ratio``: steady-state iteration time, synchronous / async (max_staleness 1)
   — above 1 means the async schedule is faster;
 * ``ray_vs_single_process_ratio``: trajectories/s of the Ray job / a single-process loop doing
-  the same work with the same models (no Ray, no Serve, no actors; target ≥ 0.9).
+  the same work with the same models (no Ray, no Serve, no actors; target ≥ 0.9). The loop runs
+  with 1 torch thread and with the default count, and the faster is the baseline: on these tiny
+  models, intra-op threads cost more than they give (measured: 1.78 vs 3.06 s/iteration on 2
+  cores), and the baseline must be the best a single process can do.
 
 Steady state: the first iteration (warm-up: first forward passes, allocations) is excluded.
 """
@@ -61,8 +64,23 @@ def run_ray(out: Path, iterations: int, staleness: int) -> dict:
     return {"iteration_s": float(np.mean(walls)), "stages": stages, "traj_per_s": trajs / float(np.sum(walls))}
 
 
-def run_single_process(iterations: int) -> dict:
-    """Same work, one process: sample → score (overlapped on a thread) → update → copy weights."""
+def run_single_process(iterations: int, threads: int | None = None) -> dict:
+    """Same work, one process: sample → score (overlapped on a thread) → update → copy weights.
+
+    ``threads``: torch intra-op threads for the loop (None: leave the default).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _single_process_loop(iterations) | {"threads": torch.get_num_threads()}
+    finally:
+        torch.set_num_threads(before)
+
+
+def _single_process_loop(iterations: int) -> dict:
     from common.policy import build_policy
     from learner.learner import Learner
     from reward_server.scoring import PyIQAScorer
@@ -98,10 +116,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--iterations", type=int, default=5)
     args = ap.parse_args(argv)
     import ray
+    import torch
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        single = run_single_process(args.iterations)
+        singles = [run_single_process(args.iterations, threads) for threads in sorted({1, torch.get_num_threads()})]
+        single = min(singles, key=lambda r: r["iteration_s"])
         sync = run_ray(out, args.iterations, staleness=0)
         asyn = run_ray(out, args.iterations, staleness=1)
     with contextlib.suppress(Exception):
@@ -111,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
                 [(k, f"{v:.3f}") for k, v in sync["stages"].items()], ("stage", "seconds"))
     print_table(
         f"system throughput, tiny policy 32px, K=4, 8 trajectories/iteration, {args.iterations - 1} steady iterations",
-        [("single process", f"{single['iteration_s']:.2f}", f"{single['traj_per_s']:.2f}"),
+        [*((f"single process, {r['threads']} torch thread(s)", f"{r['iteration_s']:.2f}", f"{r['traj_per_s']:.2f}")
+           for r in singles),
          ("Ray, sync", f"{sync['iteration_s']:.2f}", f"{sync['traj_per_s']:.2f}"),
          ("Ray, async (max_staleness 1)", f"{asyn['iteration_s']:.2f}", f"{asyn['traj_per_s']:.2f}")],
         ("run", "s/iteration", "trajectories/s"),
@@ -121,7 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
         "async_vs_sync_ratio": round(sync["iteration_s"] / asyn["iteration_s"], 3),
         "stage_seconds_sync": {k: round(v, 4) for k, v in sync["stages"].items()},
         "iteration_s": {"single": round(single["iteration_s"], 3), "sync": round(sync["iteration_s"], 3),
-                        "async": round(asyn["iteration_s"], 3)},
+                        "async": round(asyn["iteration_s"], 3),
+                        **{f"single_{r['threads']}_threads": round(r["iteration_s"], 3) for r in singles}},
+        "single_process_threads": single["threads"],
         "target_ray_vs_single_process_ratio": 0.9,
     }
     emit("system", figures)
