@@ -47,6 +47,16 @@ def _plt():
 
 
 # ------------------------------------------------------------------------------------ Figure 1
+def _save(plt, fig, path: str | Path) -> Path:
+    """Lay out, write ``path`` as PNG (110 dpi, parents created), close the figure."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def iqa_groups_from_results(
     results: Mapping[str, str | Path | Any], *, gt_label: str | None = "ground truth"
 ) -> dict[str, list[float]]:
@@ -139,12 +149,7 @@ def iqa_distribution_figure(
     strip.set_xlim(lo, hi)
     strip.set_xlabel(xlabel)
     strip.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 # ------------------------------------------------------------------------------------ Figure 6
@@ -254,12 +259,7 @@ def reward_curves_figure(
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, frameon=True, framealpha=0.8, loc="best")
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 # ------------------------------------------------------------------------------------------ CLI
