@@ -311,8 +311,20 @@ class AlgorithmConfig(_Section):
         "previous rewarded step's score (the first keeps r_k) - not in the paper, a variance reduction: the noise "
         "x_T and earlier actions drop out of each step's advantage.",
     )
-    advantage_norm: Literal["track+batch", "track"] = F(
-        "track+batch", description="Reward statistics: history plus this batch (paper), or history only ('Norm. from track')."
+    advantage_norm: Literal["track+batch", "track", "track+whole_batch"] = F(
+        "track+batch",
+        description="Where μ, σ of A = (r - μ)/σ come from, per (input, step): `track+batch` the input's history plus "
+        "its samples of this batch (DDPO's per-prompt tracker), `track` the history only ('Norm. from track'), "
+        "`track+whole_batch` the input's history pooled with the whole batch at that step (the paper's other reading).",
+    )
+    adv_std: Literal["group", "step"] = F(
+        "group",
+        description="Which σ divides: `group` the σ of the same pool as μ; `step` one σ per step for the whole batch "
+        "(RMS of r - μ_input over all samples at that step): a normalisation across inputs, so near-equal rewards of "
+        "one input are not blown up to full-size advantages.",
+    )
+    adv_std_floor: float = F(
+        0.0, description="Floor under σ of the advantage normalisation (0: none).", unit="reward units", ge=0
     )
     buffer_size: int = F(32, description="Rewards kept per (input, step) in the tracker.", unit="rewards", ge=1)
     min_count: int = F(4, description="Below this many rewards, use the batch's statistics.", unit="rewards", ge=1)

@@ -1,18 +1,37 @@
 """Step-wise advantages from per-(input, step) reward statistics (DESIGN.md §2.4, paper §4.2.2).
 
-    A_{i,k} = clip( (r_{i,k} − μ) / √(σ² + 1e-6), −adv_clip, +adv_clip )
+    A_{i,k} = clip( (r_{i,k} − μ) / √(max(σ², σ_floor²) + 1e-6), −adv_clip, +adv_clip )
 
 μ, σ are taken per (input id, reward step index k), so a blurry early x̂0 is compared with the
 early x̂0 of the same input, not with final outputs. σ is the population standard deviation
 (ddof = 0, as ``np.std`` in ddpo-pytorch's PerPromptStatTracker).
 
-``track+batch`` (default, the paper's "history plus current batch"; ddpo-pytorch semantics):
+Where μ (and, with ``adv_std=group``, σ) come from — ``advantage_norm``:
+
+``track+batch`` (DDPO's PerPromptStatTracker, one reading of the paper's "history plus current
+batch"):
     1. the input's history at step k (a deque of at most ``buffer_size`` rewards) is extended with
        this batch's rewards of that input at step k;
     2. if it now holds ≥ ``min_count`` rewards, μ, σ are the history's; otherwise they are the whole
        batch's rewards at step k (every input).
 ``track`` (ablation "Norm. from track"): μ, σ from the history as it was *before* this batch
 (the whole batch's at step k while it holds < ``min_count``); the batch is appended afterwards.
+``track+whole_batch`` (the paper's other reading: "the track of rewards for each input image and
+the reward values from the current batch"): μ, σ over the input's history from before this batch
+pooled with the WHOLE batch's rewards at step k (every input); the input's rewards are appended
+afterwards.
+
+Which σ divides — ``adv_std``:
+
+``group``: the σ of the same pool as μ (above).
+``step``: one σ per step k for the whole batch, the root mean square of the centred rewards
+    r_{i,k} − μ_{input(i),k} over every sample of the batch — a normalisation across inputs at the
+    same step. The restorations of one input often score nearly alike; dividing their differences
+    by their own tiny spread blows noise up to full-size advantages (the "illusory advantage" of
+    Pref-GRPO); a shared σ keeps an input whose samples barely differ near A = 0, and keeps the
+    relative size of the inputs' differences.
+
+``std_floor`` (reward units, default 0): a floor under σ, the other guard against the same.
 
 The G samples of one input in a batch share its input id and its statistics.
 """
@@ -25,10 +44,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-__all__ = ["ADVANTAGE_NORMS", "RewardStatTracker", "advantages_per_step", "reward_increments"]
+__all__ = ["ADVANTAGE_NORMS", "ADVANTAGE_STDS", "RewardStatTracker", "advantages_per_step", "reward_increments"]
 
-AdvantageNorm = Literal["track+batch", "track"]
-ADVANTAGE_NORMS: tuple[str, ...] = ("track+batch", "track")
+AdvantageNorm = Literal["track+batch", "track", "track+whole_batch"]
+ADVANTAGE_NORMS: tuple[str, ...] = ("track+batch", "track", "track+whole_batch")
+AdvantageStd = Literal["group", "step"]
+ADVANTAGE_STDS: tuple[str, ...] = ("group", "step")
 
 #: ε of the paper's A = (r − μ)/√(σ² + ε): keeps a constant-reward group finite (A = 0).
 STD_EPS = 1e-6
@@ -54,7 +75,9 @@ class RewardStatTracker:
         buffer_size: rewards kept per (input, step); the oldest are evicted first.
         min_count: below this many rewards in the statistics' source, use the batch's statistics.
         adv_clip: advantages are clipped to ±adv_clip.
-        advantage_norm: ``"track+batch"`` or ``"track"`` (module docstring).
+        advantage_norm: ``"track+batch"``, ``"track"`` or ``"track+whole_batch"`` (module docstring).
+        adv_std: ``"group"`` or ``"step"``: which σ divides (module docstring).
+        std_floor: σ is raised to at least this (reward units; 0: no floor).
     """
 
     def __init__(
@@ -63,11 +86,17 @@ class RewardStatTracker:
         min_count: int,
         adv_clip: float,
         advantage_norm: AdvantageNorm = "track+batch",
+        adv_std: AdvantageStd = "group",
+        std_floor: float = 0.0,
     ) -> None:
         if advantage_norm not in ADVANTAGE_NORMS:
             raise ValueError(
                 f"advantage_norm: expected one of {ADVANTAGE_NORMS}, got {advantage_norm!r}"
             )
+        if adv_std not in ADVANTAGE_STDS:
+            raise ValueError(f"adv_std: expected one of {ADVANTAGE_STDS}, got {adv_std!r}")
+        if not (std_floor >= 0 and np.isfinite(std_floor)):
+            raise ValueError(f"std_floor: expected a finite value >= 0, got {std_floor}")
         if buffer_size < 1:
             raise ValueError(f"buffer_size: expected >= 1, got {buffer_size}")
         if min_count < 1:
@@ -78,6 +107,8 @@ class RewardStatTracker:
         self.min_count = int(min_count)
         self.adv_clip = float(adv_clip)
         self.advantage_norm: str = advantage_norm
+        self.adv_std: str = adv_std
+        self.std_floor = float(std_floor)
         self._history: dict[tuple[int, int], deque[float]] = {}
         self._last: dict[str, float] = {}
 
@@ -150,6 +181,8 @@ class RewardStatTracker:
             column = r64[:, col]  # [B]
             # Whole-batch statistics at this step index: the fallback below min_count.
             batch_mean, batch_std = float(column.mean()), float(column.std())
+            mean = np.empty_like(column)  # [B] μ of each sample's input
+            std = np.empty_like(column)  # [B] σ of the same pool (adv_std=group)
             for uid in unique_ids:
                 members = ids == uid  # [B] bool
                 group = column[members]  # the G rewards of this input at this step
@@ -158,18 +191,23 @@ class RewardStatTracker:
                     history = self._history[(int(uid), step)] = deque(maxlen=self.buffer_size)
                 if self.advantage_norm == "track+batch":
                     history.extend(group.tolist())  # 1. history ← history + this batch
-                    source = history
+                    values = np.fromiter(history, dtype=np.float64, count=len(history))
+                elif self.advantage_norm == "track":
+                    values = np.fromiter(history, dtype=np.float64, count=len(history))
+                else:  # track+whole_batch: history before this batch ∪ every reward at step k
+                    values = np.concatenate([np.fromiter(history, dtype=np.float64), column])
+                if len(values) >= self.min_count:
+                    mean[members], std[members] = values.mean(), values.std()  # ddof = 0
                 else:
-                    source = history  # history from before this batch; extended below
-                if len(source) >= self.min_count:
-                    values = np.fromiter(source, dtype=np.float64, count=len(source))
-                    mean, std = float(values.mean()), float(values.std())  # ddof = 0
-                else:
-                    mean, std = batch_mean, batch_std
+                    mean[members], std[members] = batch_mean, batch_std
                     fallback += 1
-                adv[members, col] = (group - mean) / np.sqrt(std * std + STD_EPS)
-                if self.advantage_norm == "track":
-                    history.extend(group.tolist())
+                if self.advantage_norm != "track+batch":
+                    history.extend(group.tolist())  # the batch joins the history afterwards
+            if self.adv_std == "step":
+                # one σ for every input at this step: RMS of the centred rewards            []
+                std[:] = np.sqrt(np.mean((column - mean) ** 2))
+            sigma2 = np.maximum(std * std, self.std_floor**2)
+            adv[:, col] = (column - mean) / np.sqrt(sigma2 + STD_EPS)
 
         clipped = np.clip(adv, -self.adv_clip, self.adv_clip)
         self._last = {
@@ -211,6 +249,8 @@ class RewardStatTracker:
             "format": _STATE_FORMAT,
             "version": _STATE_VERSION,
             "advantage_norm": self.advantage_norm,
+            "adv_std": self.adv_std,
+            "std_floor": self.std_floor,
             "buffer_size": self.buffer_size,
             "min_count": self.min_count,
             "history": [
@@ -221,7 +261,7 @@ class RewardStatTracker:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Replace the history with a :meth:`state_dict`'s.
 
-        The settings (buffer_size, min_count, adv_clip, advantage_norm) stay those this tracker
+        The settings (buffer_size, min_count, adv_clip, advantage_norm, adv_std, std_floor) stay those this tracker
         was built with, i.e. the run's config; a smaller ``buffer_size`` keeps the newest rewards.
         """
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:

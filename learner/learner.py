@@ -143,7 +143,8 @@ class Learner:
             weight_decay=learner_cfg.weight_decay,
         )
         self.tracker = RewardStatTracker(
-            algorithm.buffer_size, algorithm.min_count, algorithm.adv_clip, algorithm.advantage_norm
+            algorithm.buffer_size, algorithm.min_count, algorithm.adv_clip, algorithm.advantage_norm,
+            adv_std=algorithm.adv_std, std_floor=algorithm.adv_std_floor,
         )
         self.dataset = build_dataset(data_cfg, "train")
         # The learner's only source of randomness (trained steps, SFT timesteps and noise). CPU, so

@@ -69,27 +69,84 @@ def test_statistics_are_per_step_index_and_clipped():
     assert t.stats()["advantages/clip_frac"] == 1.0
 
 
+def test_track_plus_whole_batch_hand_worked():
+    t = tracker("track+whole_batch", min_count=2)
+    # batch 1: histories empty → each input's pool is the whole batch [1, 3, 5]: μ = 3, σ² = 8/3
+    #   → A = [−2, 0, 2]/√(8/3 + 1e-6); then history 0 ← [1, 3], history 1 ← [5]
+    adv = t.update(torch.tensor([0, 0, 1]), torch.tensor([[1.0], [3.0], [5.0]]))
+    s = math.sqrt(8 / 3 + SQRT_EPS)
+    assert adv[:, 0].tolist() == pytest.approx([-2 / s, 0.0, 2 / s], abs=1e-6)
+    # batch 2, rewards [2, 5] of inputs [0, 1]:
+    #   input 0: pool [1, 3] ∪ [2, 5] → μ = 11/4 = 2.75, σ² = (1.75² + .25² + .75² + 2.25²)/4 = 2.1875
+    #            → A = −0.75/√(2.1875 + 1e-6) ≈ −0.50709
+    #   input 1: pool [5] ∪ [2, 5] → μ = 4, σ² = (1 + 4 + 1)/3 = 2 → A = 1/√(2 + 1e-6) ≈ 0.70711
+    adv = t.update(torch.tensor([0, 1]), torch.tensor([[2.0], [5.0]]))
+    assert adv[:, 0].tolist() == pytest.approx(
+        [-0.75 / math.sqrt(2.1875 + SQRT_EPS), 1 / math.sqrt(2 + SQRT_EPS)], abs=1e-6
+    )
+    assert t.stats()["advantages/batch_stats_frac"] == 0.0  # the pool is never below min_count
+
+
+def test_step_std_is_shared_across_inputs_hand_worked():
+    # track+batch, min_count 2: μ_0 = mean[1, 3] = 2, μ_1 = mean[5, 9] = 7
+    ids, rewards = torch.tensor([0, 0, 1, 1]), torch.tensor([[1.0], [3.0], [5.0], [9.0]])
+    # group σ (today): σ_0 = 1, σ_1 = 2 → A = [−1, 1, −1, 1] (each input's spread scaled to 1)
+    group = tracker("track+batch", min_count=2).update(ids, rewards)
+    assert group[:, 0].tolist() == pytest.approx([-1, 1, -1, 1], abs=1e-5)
+    # step σ: centred rewards [−1, 1, −2, 2] → one σ = √((1 + 1 + 4 + 4)/4) = √2.5 for both inputs
+    #   → A = [−1, 1, −2, 2]/√(2.5 + 1e-6) ≈ [−0.63246, 0.63246, −1.26491, 1.26491]
+    t = RewardStatTracker(10, 2, 5.0, advantage_norm="track+batch", adv_std="step")
+    adv = t.update(ids, rewards)
+    s = math.sqrt(2.5 + SQRT_EPS)
+    assert adv[:, 0].tolist() == pytest.approx([-1 / s, 1 / s, -2 / s, 2 / s], abs=1e-6)
+
+
+def test_std_floor_keeps_near_equal_rewards_small_hand_worked():
+    ids, rewards = torch.tensor([0, 0]), torch.tensor([[0.50], [0.51]], dtype=torch.float64)
+    # μ = 0.505, σ = 0.005: without a floor A = ∓0.005/√(0.005² + 1e-6) ≈ ∓0.98058
+    plain = tracker("track+batch", min_count=2).update(ids, rewards.float())
+    assert plain[:, 0].tolist() == pytest.approx([-0.98058, 0.98058], abs=1e-4)
+    # floor 0.1: σ → 0.1, A = ∓0.005/√(0.01 + 1e-6) ≈ ∓0.049998
+    t = RewardStatTracker(10, 2, 5.0, std_floor=0.1)
+    adv = t.update(ids, rewards.float())
+    assert adv[:, 0].tolist() == pytest.approx([-0.049998, 0.049998], abs=1e-4)
+
+
+def test_new_settings_are_validated():
+    with pytest.raises(ValueError, match="adv_std"):
+        RewardStatTracker(4, 2, 5.0, adv_std="input")
+    with pytest.raises(ValueError, match="std_floor"):
+        RewardStatTracker(4, 2, 5.0, std_floor=-0.1)
+
+
 # ------------------------------------------------------------------------------ reference loop
-def reference_update(history, ids, rewards, steps, norm, buffer_size, min_count, adv_clip):
+def reference_update(history, ids, rewards, steps, norm, buffer_size, min_count, adv_clip,
+                     adv_std="group", std_floor=0.0):
     """A plain, independent re-statement of §2.4 on Python lists (``history`` is mutated)."""
     B, R = len(ids), len(rewards[0])
     out = [[None] * R for _ in range(B)]
     for c in range(R):
         column = [rewards[i][c] for i in range(B)]
         batch_mean, batch_std = statistics.fmean(column), statistics.pstdev(column)
+        mean, std = [None] * B, [None] * B
         for uid in sorted(set(ids)):
             rows = [i for i in range(B) if ids[i] == uid]
             before = history.get((uid, steps[c]), [])
             after = (before + [rewards[i][c] for i in rows])[-buffer_size:]
-            source = after if norm == "track+batch" else before
+            source = {"track+batch": after, "track": before, "track+whole_batch": before + column}[norm]
             if len(source) >= min_count:
-                mean, std = statistics.fmean(source), statistics.pstdev(source)
+                m, s = statistics.fmean(source), statistics.pstdev(source)
             else:
-                mean, std = batch_mean, batch_std
+                m, s = batch_mean, batch_std
             for i in rows:
-                a = (rewards[i][c] - mean) / math.sqrt(std**2 + 1e-6)
-                out[i][c] = min(adv_clip, max(-adv_clip, a))
+                mean[i], std[i] = m, s
             history[(uid, steps[c])] = after
+        if adv_std == "step":
+            rms = math.sqrt(statistics.fmean((column[i] - mean[i]) ** 2 for i in range(B)))
+            std = [rms] * B
+        for i in range(B):
+            a = (column[i] - mean[i]) / math.sqrt(max(std[i], std_floor) ** 2 + 1e-6)
+            out[i][c] = min(adv_clip, max(-adv_clip, a))
     return out
 
 
@@ -106,10 +163,15 @@ def random_stream(seed, num_batches=12, inputs_per_batch=4, group=2, steps=(0, 2
         yield np.array(ids, dtype=np.int64), rewards
 
 
-@pytest.mark.parametrize("norm", ["track+batch", "track"])
-def test_matches_reference_loop_on_random_stream(norm):
+@pytest.mark.parametrize(
+    "norm,adv_std,std_floor",
+    [("track+batch", "group", 0.0), ("track", "group", 0.0), ("track+whole_batch", "group", 0.0),
+     ("track+batch", "step", 0.0), ("track+whole_batch", "step", 0.0), ("track+batch", "group", 0.7)],
+)
+def test_matches_reference_loop_on_random_stream(norm, adv_std, std_floor):
     buffer_size, min_count, adv_clip, steps = 5, 3, 1.5, [0, 2, 5]
-    t = RewardStatTracker(buffer_size, min_count, adv_clip, advantage_norm=norm)
+    t = RewardStatTracker(buffer_size, min_count, adv_clip, advantage_norm=norm, adv_std=adv_std,
+                          std_floor=std_floor)
     history: dict = {}
     fallback = clipped = 0
     for ids, rewards in random_stream(seed=1 if norm == "track" else 2, steps=steps):
@@ -123,20 +185,23 @@ def test_matches_reference_loop_on_random_stream(norm):
             buffer_size,
             min_count,
             adv_clip,
+            adv_std,
+            std_floor,
         )
         np.testing.assert_allclose(adv.numpy(), np.array(want), rtol=1e-5, atol=1e-5)
         fallback += t.stats()["advantages/batch_stats_frac"] > 0
         clipped += t.stats()["advantages/clip_frac"] > 0
         state = {(uid, step): values for uid, step, values in t.state_dict()["history"]}
         assert state == history
-    # The stream exercised what it is meant to: fallback, clipping and eviction.
-    assert fallback > 0 and clipped > 0
+    # The stream exercised what it is meant to: fallback (not reachable when the whole batch is
+    # pooled in), clipping and eviction.
+    assert (fallback > 0) == (norm != "track+whole_batch") and clipped > 0
     assert max(len(v) for v in history.values()) == buffer_size
 
 
 # ------------------------------------------------------------------------------ checkpoints
 @pytest.mark.parametrize("codec", ["json", "msgpack"])
-@pytest.mark.parametrize("norm", ["track+batch", "track"])
+@pytest.mark.parametrize("norm", ["track+batch", "track", "track+whole_batch"])
 def test_state_dict_round_trip_continues_identically(codec, norm):
     stream = list(random_stream(seed=3, num_batches=8))
     a = RewardStatTracker(4, 2, 5.0, advantage_norm=norm)
