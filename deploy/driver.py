@@ -97,6 +97,7 @@ class Driver:
         self._serve_started = False
         self._metrics: dict[str, Any] = {}
         self.dropped_total = 0
+        self._dataset: Any = None  # the training pairs (ground truth for iterative RL labels), lazily
 
     # ------------------------------------------------------------------------------ set-up
     def _install_signal_handlers(self) -> None:
@@ -206,6 +207,11 @@ class Driver:
         from rollout.worker import create_rollout_workers
 
         cfg = self.cfg
+        if cfg.algorithm.uses_rl and cfg.algorithm.reward == "iqa" and cfg.reward.model_kind == "trained":
+            from deploy.reward_model import with_trained_reward
+
+            # Before Ray starts: training uses every core for a few minutes (cached afterwards).
+            self.cfg = cfg = with_trained_reward(cfg)
         self.run.write_config(cfg.to_yaml())
         self._connect_ray()
         self._install_signal_handlers()  # after ray.init, which installs its own SIGTERM handler
@@ -236,6 +242,11 @@ class Driver:
                 info = self._get([lr.load_checkpoint.remote(str(ckpt)) for lr in learners])[0]
                 start = int(info["iteration"]) + 1
                 self.dropped_total = int(info["extra"].get("dropped_total", 0))
+                reward_path = info["extra"].get("reward_model_path")
+                if reward_path and self._serve_started and reward_path != str(cfg.reward.model_path):
+                    # Iterative RL had refreshed the reward model: score with the version reached.
+                    self._rollover_reward(Path(reward_path))
+                    cfg = self.cfg
                 self.run.truncate_metrics_after(int(info["iteration"]))
                 print(f"resumed from {ckpt}: continuing at iteration {start} "
                       f"(policy version {info['policy_version']})", flush=True)
@@ -257,6 +268,9 @@ class Driver:
 
         last_done, last_ckpt = start - 1, start - 1
         pending = None  # async: the rollout of the next iteration, in flight
+        refresh_every = cfg.reward.iqa_train.refresh_every if self._serve_started else 0
+        recent: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input ids [B], reward images) since the refresh
+        self._report_reward_version()
         progress = _progress(cfg, start)
         try:
             for it in range(start, cfg.deploy.iterations):
@@ -278,7 +292,17 @@ class Driver:
                             pending = self._launch_rollout(workers, nxt, it + 1)
                         # reward is overlapped: workers gathered scores before returning
                         trajs = self._get(refs)
+                    reward_versions: dict[str, int] = {}
+                    for t in trajs:
+                        for v, n in t.extras.get("reward_versions", {}).items():
+                            reward_versions[v] = reward_versions.get(v, 0) + n
                     traj = Trajectory.concat(trajs)
+                    if reward_versions:
+                        record["reward_model_versions"] = reward_versions
+                        record["reward_model_index"] = self.reward_model_index
+                    if refresh_every:
+                        recent.append((traj.input_ids.repeat_interleave(traj.reward_images.shape[1]),
+                                       traj.reward_images.flatten(0, 1)))
                     learner_version = self._get(learners[0].get_version.remote())
                     staleness = learner_version - traj.policy_version
                     record.update(staleness=staleness, batch_version=traj.policy_version)
@@ -299,6 +323,12 @@ class Driver:
                         trajectories_per_s=traj.batch_size / max(timer.seconds["rollout"], 1e-9),
                     )
                 record.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})
+                if refresh_every and (it + 1) % refresh_every == 0 and it + 1 < cfg.deploy.iterations and recent:
+                    # "with Iter. RL" (paper §6.2.7): the reward model learns the current policy's outputs.
+                    with timer.stage("reward_refresh"):
+                        record.update(self._refresh_reward(learners, recent, it))
+                    recent = []
+                    cfg = self.cfg
                 if (it + 1) % cfg.deploy.checkpoint_every == 0 or it == cfg.deploy.iterations - 1:
                     with timer.stage("checkpoint"):
                         self._checkpoint(learners, it)
@@ -355,7 +385,70 @@ class Driver:
         # Rank 0 writes (all ranks hold identical weights/optimizer/tracker after the update).
         self._get(learners[0].save_checkpoint.remote(
             str(self.run.root), iteration, config_yaml=self.cfg.to_yaml(), keep=self.cfg.deploy.keep_checkpoints,
-            extra={"dropped_total": self.dropped_total}))
+            extra={"dropped_total": self.dropped_total,
+                   "reward_model_path": None if self.cfg.reward.model_path is None else str(self.cfg.reward.model_path),
+                   "reward_model_index": self.reward_model_index}))
+
+    # ------------------------------------------------------------------------ iterative RL
+    @property
+    def reward_model_index(self) -> int:
+        """Version index of the reward model in use: 0 for the first, +1 per refresh (its card)."""
+        from reward_server.iqa_train import read_card
+
+        path = self.cfg.reward.model_path
+        card = read_card(path) if path is not None else None
+        return int(card.get("version", 0)) if card else 0
+
+    def _rollover_reward(self, model_path: Path) -> None:
+        """Redeploy the reward app under the same name with another model folder. Serve starts
+        the new replicas, then retires the old ones: requests in flight finish on the old model,
+        every later one is scored by the new one; the workers' handles stay valid."""
+        from common.config import parse_config
+        from reward_server.serve_app import deploy
+
+        data = self.cfg.model_dump(mode="json")
+        data["reward"]["model_kind"] = "local"
+        data["reward"]["model_path"] = str(model_path)
+        self.cfg = parse_config(data, source="config with the refreshed reward model")
+        t0 = time.perf_counter()
+        deploy(self.cfg.reward, name="reward")
+        log.info("reward: rolled over to %s in %.1f s", model_path, time.perf_counter() - t0)
+        self._report_reward_version()
+
+    def _refresh_reward(self, learners: list[Any], recent: list[tuple[Any, Any]], iteration: int) -> dict[str, Any]:
+        """Fine-tune the reward model on the policy's recent reward images, labelled against their
+        ground truth by the configured label source, roll the app over, and apply the tracker rule."""
+        import torch
+
+        from common.data import build_dataset
+        from deploy.reward_model import refresh_reward_model
+
+        t = self.cfg.reward.iqa_train
+        ids = torch.cat([r[0] for r in recent]).numpy()
+        images = torch.cat([r[1] for r in recent]).numpy()
+        keep = np.linspace(0, len(ids) - 1, min(len(ids), t.refresh_images)).round().astype(int)
+        ids, images = ids[keep], images[keep]
+        if self._dataset is None:
+            self._dataset = build_dataset(self.cfg.data)
+        refs = np.stack([self._dataset[int(i)].gt for i in ids])
+        before = self.reward_model_index
+        new_path = refresh_reward_model(self.cfg, images, refs, iteration=iteration, run_name=self.cfg.deploy.run_name)
+        self._rollover_reward(new_path)
+        if t.refresh_tracker == "reset":
+            self._get([lr.reset_reward_tracker.remote() for lr in learners])
+        print(f"[iter-rl] iteration {iteration}: reward model v{before} -> v{self.reward_model_index} "
+              f"({len(images)} policy images labelled; tracker {t.refresh_tracker})", flush=True)
+        return {"reward_refreshed": True, "reward_model_index": self.reward_model_index}
+
+    def _report_reward_version(self) -> None:
+        try:
+            from common.telemetry import ray_metric
+
+            if "reward_version" not in self._metrics:
+                self._metrics["reward_version"] = ray_metric("reward_model_version")
+            self._metrics["reward_version"].set(self.reward_model_index)
+        except Exception as err:  # metrics must never break training
+            log.debug("metrics: %s", err)
 
     def _save_preview(self, workers: list[Any], ids: list[int], name: str) -> None:
         if not workers or not ids:

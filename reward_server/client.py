@@ -31,6 +31,7 @@ import math
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, Self
@@ -106,6 +107,8 @@ class ServeTransport:
 
     def __init__(self, handle: Any):
         self.handle = handle
+        #: Scores received per reward-model version (drained by RewardClient.drain_versions).
+        self.versions: Counter[str] = Counter()
 
     async def score(self, images: list[np.ndarray], ids: list[str], timeout_s: float) -> np.ndarray:
         (image,), (image_id,) = images, ids
@@ -117,7 +120,9 @@ class ServeTransport:
             raise
         except Exception as err:
             raise _classify_ray_error(err) from err
-        return _check_scores(ids, [scored[0]], [scored[1]])
+        arr = _check_scores(ids, [scored[0]], [scored[1]])
+        self.versions[getattr(scored, "version", None) or "unknown"] += 1
+        return arr
 
     async def aclose(self) -> None:
         pass
@@ -168,6 +173,8 @@ class HTTPTransport:
         self.url = endpoint.rstrip("/") + "/score"
         self.chunk_size = max_images_per_request
         self.headers = {"Content-Type": "application/msgpack", "Accept": "application/msgpack"}
+        #: Scores received per reward-model version (drained by RewardClient.drain_versions).
+        self.versions: Counter[str] = Counter()
         if auth_token:
             self.headers["Authorization"] = f"Bearer {auth_token}"
         self._session: Any = None
@@ -208,7 +215,9 @@ class HTTPTransport:
                 out = decode_score_response(payload)
             except WireError as err:
                 raise _Fatal(f"undecodable response from {self.url}: {err}") from None
-            return _check_scores(ids, out.ids, out.scores)
+            arr = _check_scores(ids, out.ids, out.scores)
+            self.versions[out.version or "unknown"] += len(arr)
+            return arr
         text = payload[:500].decode("utf-8", "replace")
         message = f"HTTP {status} from {self.url}: {text}"
         if status == 503 or status >= 500 or status == 429:
@@ -315,6 +324,16 @@ class RewardClient:
     def score(self, images: np.ndarray, ids: Sequence[str]) -> np.ndarray:
         """Blocking convenience: ``gather([submit(images, ids)])[0]``."""
         return self.gather([self.submit(images, ids)])[0]
+
+    def drain_versions(self) -> dict[str, int]:
+        """{reward-model version: scores received} since the last call (then reset). Call it after
+        ``gather``: every score of a trajectory batch is then counted."""
+        versions = getattr(self.transport, "versions", None)
+        if versions is None:
+            return {}
+        out = dict(versions)
+        versions.clear()
+        return out
 
     def close(self) -> None:
         if self._closed:

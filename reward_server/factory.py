@@ -152,11 +152,13 @@ def build_scorer_from_config(reward: RewardConfig, *, device: str | None = None)
 # ------------------------------------------------------------------------ the shared scoring step
 class ScoredImage(NamedTuple):
     """The reward of one image: ``score`` in [0, 1] (finite), ``levels`` [5] level probabilities
-    (best first) for level-token scorers, None for others."""
+    (best first) for level-token scorers, None for others, and ``version``: the reward model's
+    version that scored it (set by the service; scores of different versions are not comparable)."""
 
     id: str
     score: float
     levels: tuple[float, ...] | None
+    version: str | None = None
 
 
 class ScoreFailed(RuntimeError):

@@ -217,11 +217,13 @@ def check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
 
 
 def _model_version(model_path: Path, preset: ScorerPreset) -> str:
-    """Short hash of config.json, the weight files' names and sizes, and the preset."""
+    """Short hash of config.json, the weight files' names and sizes, the preset, and the IQA card
+    of a trained model (it holds the weights' sha256: a fine-tuned model of the same shape and
+    size gets a new version)."""
     h = hashlib.sha256()
-    config = model_path / "config.json"
-    if config.is_file():
-        h.update(config.read_bytes())
+    for name in ("config.json", "iqa_card.json"):
+        if (model_path / name).is_file():
+            h.update((model_path / name).read_bytes())
     for f in sorted(model_path.glob("*.safetensors")) + sorted(model_path.glob("*.bin")):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
     h.update(

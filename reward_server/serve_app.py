@@ -135,6 +135,8 @@ class IQAScorer:
         # The scorer is blocking (a forward pass, a vLLM generate): run it off the event loop so
         # the replica keeps accepting requests (and forming the next batch) meanwhile.
         results = await asyncio.to_thread(score_batch, self.scorer, image_ids, images)
+        version = getattr(self.scorer, "version", None)
+        results = [r._replace(version=version) if isinstance(r, ScoredImage) else r for r in results]
         self._m_latency.observe(time.perf_counter() - start)
         ok = sum(isinstance(r, ScoredImage) for r in results)
         if ok:

