@@ -197,14 +197,78 @@ class RolloutConfig(_Section):
 
 
 # -------------------------------------------------------------------------------------- reward
+class IQATrainConfig(_Section):
+    """Training of the IQA reward model (reward.model_kind=trained; DESIGN.md §3.1) and its refresh
+    between RL rounds (paper §6.2.7, Table 6 "with Iter. RL")."""
+
+    base_model: Path | None = F(
+        None,
+        description="LLaVA-family folder to fine-tune (any folder AutoModelForImageTextToText loads whose preset "
+        "level words are single tokens). None: the tiny seeded LLaVA of shape `iqa` (CPU).",
+        unit="path",
+    )
+    steps: int = F(800, description="Optimizer steps of the first training.", unit="steps", ge=1)
+    batch_size: int = F(32, description="Images per optimizer step.", unit="images", ge=1)
+    lr: float = F(1e-3, description="Peak AdamW learning rate (warm-up, cosine decay).", unit="1/step", gt=0)
+    crops_per_photo: int = F(48, description="Clean crops per IQA training photo.", unit="crops", ge=1)
+    degraded_per_crop: int = F(
+        3, description="Degraded copies per crop, each a random degradation at a random severity.", unit="images", ge=0
+    )
+    restored_inputs: int = F(
+        96, description="LQ crops restored by the base policy (final output + every step's x̂0 join the data).",
+        unit="crops", ge=0,
+    )
+    held_out_crops_per_photo: int = F(12, description="Crops per held-out photo (metrics only).", unit="crops", ge=1)
+    grey_fraction: float = F(
+        0.25, description="Share of training images shown in greyscale (exact for luma labels like ssim_y).", ge=0, le=1
+    )
+    label_source: str = F(
+        "ssim_y",
+        description="Who rates images: `ssim_y` (SSIM on luma against the clean photo) or `module:function`, "
+        "an importable LabelSource (images, references) -> quality in [0, 1].",
+    )
+    ratings_dir: Path | None = F(
+        None, description="Extra user-rated images: a folder with ratings.csv (file,score; score in [1, 5]).",
+        unit="path",
+    )
+    min_srcc: float = F(
+        0.8, description="Fail loudly when the served model's held-out SRCC is below this.", ge=-1, le=1
+    )
+    seed: int = F(0, description="Seed of the crops, degradations, batch order.")
+    refresh_every: int = F(
+        0, description="Iterative RL: fine-tune the IQA model on the current policy's outputs every N iterations "
+        "and roll the reward app over to it (0: never).", unit="iterations", ge=0,
+    )
+    refresh_steps: int = F(200, description="Optimizer steps of each refresh.", unit="steps", ge=1)
+    refresh_images: int = F(
+        256, description="Policy images (every reward step's image of the rollouts since the last refresh, evenly "
+        "subsampled) labelled against their ground truth for each refresh.", unit="images", ge=1,
+    )
+    refresh_tracker: Literal["reset", "keep"] = F(
+        "reset",
+        description="Reward-tracker history when the reward model changes: `reset` (old and new scores are not "
+        "comparable) or `keep`.",
+    )
+
+    @field_validator("label_source")
+    @classmethod
+    def _check_label_source(cls, v: str) -> str:
+        if v != "ssim_y" and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v):
+            raise ValueError("expected 'ssim_y' or 'module:function'")
+        return v
+
+
 class RewardConfig(_Section):
     """The IQA reward service (DESIGN.md §3). Scaled independently of rollout."""
 
     backend: Literal["vllm", "transformers", "pyiqa"] = F(
         "vllm", description="Scoring engine: a VLM through vLLM, the same math in transformers, or a pyiqa metric."
     )
-    model_kind: Literal["tiny", "local"] = F(
-        "tiny", description="`tiny`: a seeded tiny VLM built on the spot; `local`: load `model_path`."
+    model_kind: Literal["tiny", "local", "trained"] = F(
+        "tiny",
+        description="`tiny`: a seeded random tiny VLM (scorer tests only: its scores mean nothing); `local`: load "
+        "`model_path`; `trained`: the IQA model trained by reward_server.iqa_train (`iqa_train`) on first use, "
+        "cached under cache_dir/iqa (the demo's reward).",
     )
     model_path: Path | None = F(None, description="Local folder of the IQA VLM (model_kind=local).", unit="path")
     tiny_seed: int = F(0, description="Seed of the tiny VLM's random weights (model_kind=tiny).")
@@ -250,11 +314,18 @@ class RewardConfig(_Section):
         0.9, description="vLLM memory fraction (on CPU: of host RAM; keep small).", gt=0, le=1
     )
     dtype: Literal["float32", "bfloat16", "float16"] = F("bfloat16", description="VLM weights dtype.")
+    iqa_train: IQATrainConfig = F(default_factory=IQATrainConfig, description="IQA model training and refresh.")
 
     @model_validator(mode="after")
     def _check(self) -> "RewardConfig":
         if self.backend in ("vllm", "transformers") and self.model_kind == "local" and self.model_path is None:
             raise ValueError("model_kind=local needs `model_path`")
+        if self.backend in ("vllm", "transformers") and self.model_kind == "trained" and self.iqa_train.base_model is None \
+                and self.preset != "llava":
+            raise ValueError(f"model_kind=trained without iqa_train.base_model trains the tiny LLaVA: preset must be "
+                             f"'llava', got {self.preset!r}")
+        if self.backend == "pyiqa" and self.iqa_train.refresh_every:
+            raise ValueError("iqa_train.refresh_every needs a VLM reward (backend vllm/transformers, model_kind=trained)")
         if self.backend in ("vllm", "transformers") and self.model_kind == "tiny" and self.preset != "llava":
             raise ValueError(f"model_kind=tiny builds a LLaVA-style VLM: preset must be 'llava', got {self.preset!r}")
         if self.autoscaling and self.min_replicas > self.max_replicas:

@@ -146,6 +146,8 @@ class Learner:
             algorithm.buffer_size, algorithm.min_count, algorithm.adv_clip, algorithm.advantage_norm,
             adv_std=algorithm.adv_std, std_floor=algorithm.adv_std_floor,
         )
+        # The tracker's empty state: reset_reward_tracker restores it (iterative RL).
+        self._empty_tracker_state = copy.deepcopy(self.tracker.state_dict())
         self.dataset = build_dataset(data_cfg, "train")
         # The learner's only source of randomness (trained steps, SFT timesteps and noise). CPU, so
         # draws do not depend on the device; identical on every rank.
@@ -172,6 +174,11 @@ class Learner:
 
     def get_version(self) -> int:
         return self._version
+
+    def reset_reward_tracker(self) -> None:
+        """Forget the reward history: iterative RL changed the reward model, and scores of
+        different reward-model versions are not comparable (``reward.iqa_train.refresh_tracker``)."""
+        self.tracker.load_state_dict(copy.deepcopy(self._empty_tracker_state))
 
     def uses_cuda(self) -> bool:
         return self.device.type == "cuda"
