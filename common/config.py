@@ -388,11 +388,12 @@ class AlgorithmConfig(_Section):
         "its samples of this batch (DDPO's per-prompt tracker), `track` the history only ('Norm. from track'), "
         "`track+whole_batch` the input's history pooled with the whole batch at that step (the paper's other reading).",
     )
-    adv_std: Literal["group", "step"] = F(
+    adv_std: Literal["group", "step", "batch"] = F(
         "group",
         description="Which σ divides: `group` the σ of the same pool as μ; `step` one σ per step for the whole batch "
         "(RMS of r - μ_input over all samples at that step): a normalisation across inputs, so near-equal rewards of "
-        "one input are not blown up to full-size advantages.",
+        "one input are not blown up to full-size advantages; `batch` one σ for the whole batch over every step too, "
+        "so a step whose action barely moves the reward keeps small advantages.",
     )
     adv_std_floor: float = F(
         0.0, description="Floor under σ of the advantage normalisation (0: none).", unit="reward units", ge=0

@@ -30,6 +30,10 @@ Which σ divides — ``adv_std``:
     by their own tiny spread blows noise up to full-size advantages (the "illusory advantage" of
     Pref-GRPO); a shared σ keeps an input whose samples barely differ near A = 0, and keeps the
     relative size of the inputs' differences.
+``batch``: one σ for the whole batch, the RMS of the centred rewards over every sample AND every
+    step: also keeps the relative size of the steps' differences. With ``step_reward=increment``
+    a late step moves the score about 20× less than the first (measured, issue 12); ``group`` and
+    ``step`` scale every step's advantages to unit size regardless.
 
 ``std_floor`` (reward units, default 0): a floor under σ, the other guard against the same.
 
@@ -48,8 +52,8 @@ __all__ = ["ADVANTAGE_NORMS", "ADVANTAGE_STDS", "RewardStatTracker", "advantages
 
 AdvantageNorm = Literal["track+batch", "track", "track+whole_batch"]
 ADVANTAGE_NORMS: tuple[str, ...] = ("track+batch", "track", "track+whole_batch")
-AdvantageStd = Literal["group", "step"]
-ADVANTAGE_STDS: tuple[str, ...] = ("group", "step")
+AdvantageStd = Literal["group", "step", "batch"]
+ADVANTAGE_STDS: tuple[str, ...] = ("group", "step", "batch")
 
 #: ε of the paper's A = (r − μ)/√(σ² + ε): keeps a constant-reward group finite (A = 0).
 STD_EPS = 1e-6
@@ -76,7 +80,7 @@ class RewardStatTracker:
         min_count: below this many rewards in the statistics' source, use the batch's statistics.
         adv_clip: advantages are clipped to ±adv_clip.
         advantage_norm: ``"track+batch"``, ``"track"`` or ``"track+whole_batch"`` (module docstring).
-        adv_std: ``"group"`` or ``"step"``: which σ divides (module docstring).
+        adv_std: ``"group"``, ``"step"`` or ``"batch"``: which σ divides (module docstring).
         std_floor: σ is raised to at least this (reward units; 0: no floor).
     """
 
@@ -173,7 +177,8 @@ class RewardStatTracker:
             )
 
         r64 = r.astype(np.float64)  # [B, R]
-        adv = np.empty_like(r64)  # [B, R]
+        mean = np.empty_like(r64)  # [B, R] μ of each sample's (input, step)
+        std = np.empty_like(r64)  # [B, R] σ of the same pool (adv_std=group)
         unique_ids = np.unique(ids)
         fallback = 0
         for col in range(num_rewards):
@@ -181,8 +186,6 @@ class RewardStatTracker:
             column = r64[:, col]  # [B]
             # Whole-batch statistics at this step index: the fallback below min_count.
             batch_mean, batch_std = float(column.mean()), float(column.std())
-            mean = np.empty_like(column)  # [B] μ of each sample's input
-            std = np.empty_like(column)  # [B] σ of the same pool (adv_std=group)
             for uid in unique_ids:
                 members = ids == uid  # [B] bool
                 group = column[members]  # the G rewards of this input at this step
@@ -197,17 +200,18 @@ class RewardStatTracker:
                 else:  # track+whole_batch: history before this batch ∪ every reward at step k
                     values = np.concatenate([np.fromiter(history, dtype=np.float64), column])
                 if len(values) >= self.min_count:
-                    mean[members], std[members] = values.mean(), values.std()  # ddof = 0
+                    mean[members, col], std[members, col] = values.mean(), values.std()  # ddof = 0
                 else:
-                    mean[members], std[members] = batch_mean, batch_std
+                    mean[members, col], std[members, col] = batch_mean, batch_std
                     fallback += 1
                 if self.advantage_norm != "track+batch":
                     history.extend(group.tolist())  # the batch joins the history afterwards
-            if self.adv_std == "step":
-                # one σ for every input at this step: RMS of the centred rewards            []
-                std[:] = np.sqrt(np.mean((column - mean) ** 2))
-            sigma2 = np.maximum(std * std, self.std_floor**2)
-            adv[:, col] = (column - mean) / np.sqrt(sigma2 + STD_EPS)
+        centred = r64 - mean  # [B, R]
+        if self.adv_std == "step":  # one σ per step for every input: RMS over the batch      [R]
+            std[:] = np.sqrt(np.mean(centred**2, axis=0, keepdims=True))
+        elif self.adv_std == "batch":  # one σ for the whole batch, every step                []
+            std[:] = np.sqrt(np.mean(centred**2))
+        adv = centred / np.sqrt(np.maximum(std * std, self.std_floor**2) + STD_EPS)  # [B, R]
 
         clipped = np.clip(adv, -self.adv_clip, self.adv_clip)
         self._last = {

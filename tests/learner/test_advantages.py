@@ -101,6 +101,23 @@ def test_step_std_is_shared_across_inputs_hand_worked():
     assert adv[:, 0].tolist() == pytest.approx([-1 / s, 1 / s, -2 / s, 2 / s], abs=1e-6)
 
 
+def test_batch_std_keeps_the_steps_relative_size_hand_worked():
+    # track+batch, min_count 2, two steps. Step 0: rewards [1, 3, 5, 9] → centred [−1, 1, −2, 2];
+    # step 1: rewards [0, 0.2, 1, 1.2] → μ = 0.1, 1.1 → centred [−0.1, 0.1, −0.1, 0.1].
+    ids = torch.tensor([0, 0, 1, 1])
+    rewards = torch.tensor([[1.0, 0.0], [3.0, 0.2], [5.0, 1.0], [9.0, 1.2]])
+    # batch σ: √((1 + 1 + 4 + 4 + 4·0.01)/8) = √1.255 for every entry
+    #   → step 0: [−1, 1, −2, 2]/√1.255, step 1: ±0.1/√1.255 ≈ ±0.089265
+    t = RewardStatTracker(10, 2, 5.0, adv_std="batch")
+    adv = t.update(ids, rewards)
+    s = math.sqrt(1.255 + SQRT_EPS)
+    assert adv[:, 0].tolist() == pytest.approx([-1 / s, 1 / s, -2 / s, 2 / s], abs=1e-6)
+    assert adv[:, 1].tolist() == pytest.approx([-0.1 / s, 0.1 / s, -0.1 / s, 0.1 / s], abs=1e-6)
+    # step σ would scale step 1 up to unit size: ±0.1/√(0.01 + 1e-6) ≈ ±0.99995
+    step = RewardStatTracker(10, 2, 5.0, adv_std="step").update(ids, rewards)
+    assert step[:, 1].tolist() == pytest.approx([-0.99995, 0.99995, -0.99995, 0.99995], abs=1e-4)
+
+
 def test_std_floor_keeps_near_equal_rewards_small_hand_worked():
     ids, rewards = torch.tensor([0, 0]), torch.tensor([[0.50], [0.51]], dtype=torch.float64)
     # μ = 0.505, σ = 0.005: without a floor A = ∓0.005/√(0.005² + 1e-6) ≈ ∓0.98058
@@ -145,9 +162,12 @@ def reference_update(history, ids, rewards, steps, norm, buffer_size, min_count,
             rms = math.sqrt(statistics.fmean((column[i] - mean[i]) ** 2 for i in range(B)))
             std = [rms] * B
         for i in range(B):
-            a = (column[i] - mean[i]) / math.sqrt(max(std[i], std_floor) ** 2 + 1e-6)
-            out[i][c] = min(adv_clip, max(-adv_clip, a))
-    return out
+            out[i][c] = (column[i] - mean[i], std[i])  # (centred, σ) until every step is seen
+    if adv_std == "batch":
+        rms = math.sqrt(statistics.fmean(out[i][c][0] ** 2 for i in range(B) for c in range(R)))
+        out = [[(d, rms) for d, _ in row] for row in out]
+    return [[min(adv_clip, max(-adv_clip, d / math.sqrt(max(s, std_floor) ** 2 + 1e-6))) for d, s in row]
+            for row in out]
 
 
 def random_stream(seed, num_batches=12, inputs_per_batch=4, group=2, steps=(0, 2, 5)):
@@ -166,7 +186,8 @@ def random_stream(seed, num_batches=12, inputs_per_batch=4, group=2, steps=(0, 2
 @pytest.mark.parametrize(
     "norm,adv_std,std_floor",
     [("track+batch", "group", 0.0), ("track", "group", 0.0), ("track+whole_batch", "group", 0.0),
-     ("track+batch", "step", 0.0), ("track+whole_batch", "step", 0.0), ("track+batch", "group", 0.7)],
+     ("track+batch", "step", 0.0), ("track+whole_batch", "step", 0.0), ("track+batch", "batch", 0.0),
+     ("track+batch", "group", 0.7)],
 )
 def test_matches_reference_loop_on_random_stream(norm, adv_std, std_floor):
     buffer_size, min_count, adv_clip, steps = 5, 3, 1.5, [0, 2, 5]
