@@ -229,3 +229,16 @@ def test_increment_step_reward_feeds_the_tracker_what_each_step_added(tiny_data_
     for name, w in _weights(a).items():
         torch.testing.assert_close(w, _weights(b)[name], rtol=0, atol=0)
     assert any(not torch.equal(w, _weights(c)[name]) for name, w in _weights(a).items())
+
+
+def test_advantage_settings_reach_the_tracker(tiny_data_config, tiny_trajectory):
+    # algorithm.advantage_norm / adv_std / adv_std_floor configure the learner's tracker, and they
+    # change the update: `batch` σ (one over every step) vs `group` σ (per input and step).
+    r = torch.tensor([[0.9, 0.8, 0.95], [0.1, 0.3, 0.2], [0.5, 0.45, 0.7], [0.4, 0.6, 0.5]])  # [B=4, R=3]
+    traj = tiny_trajectory([0, 1], num_steps=3, reward_steps="all", rewards=r.tolist())
+    algo = {"mode": "rl_only", "kl_coef": 0.0, "advantage_norm": "track+whole_batch", "adv_std_floor": 0.01}
+    a = _learner(tiny_data_config, algo={**algo, "adv_std": "batch"})
+    b = _learner(tiny_data_config, algo={**algo, "adv_std": "group"})
+    assert (a.tracker.advantage_norm, a.tracker.adv_std, a.tracker.std_floor) == ("track+whole_batch", "batch", 0.01)
+    a.update(traj), b.update(traj)
+    assert any(not torch.equal(w, _weights(b)[name]) for name, w in _weights(a).items())
