@@ -153,9 +153,13 @@ def _examples(cfg: ExperimentConfig, photos, crops: int, seed: int, restorer, re
     n, k = restored.shape[:2]
     refs = np.repeat(ex.images[[gt_of[i] for i in pick]], k, axis=0)
     images = restored.reshape(n * k, *restored.shape[2:])
-    extra = IQAExamples(images, np.asarray(label(images, refs), dtype=np.float64), ["restored"] * (n * k),
-                        [ex.photos[i] for i in pick for _ in range(k)], ex.label_source)
-    return IQAExamples.concat([ex, extra])
+    quality = np.asarray(label(images, refs), dtype=np.float64)
+    merged = IQAExamples(
+        np.concatenate([ex.images, images]), np.concatenate([ex.quality, quality]),
+        ex.kinds + ["restored"] * (n * k), ex.photos + [ex.photos[i] for i in pick for _ in range(k)],
+        ex.label_source, np.concatenate([ex.groups, np.repeat(ex.groups[pick], k)]),  # a restoration joins its crop
+    )
+    return merged
 
 
 def ensure_trained_reward(cfg: ExperimentConfig, *, progress: bool = True) -> Path:

@@ -31,7 +31,7 @@ import csv
 import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -250,6 +250,8 @@ class IQAExamples:
             RL policy's images, labelled for a refresh of iterative RL).
         photos: [N] — the photo (or file) each image comes from.
         label_source: the label source's name.
+        groups: int64 [N] — the clean crop each image was made from (images of a group share
+            their content and differ in quality); default: every image its own group.
     """
 
     images: np.ndarray
@@ -257,10 +259,15 @@ class IQAExamples:
     kinds: list[str]
     photos: list[str]
     label_source: str = "ssim_y"
-    meta: dict = field(default_factory=dict)
+    groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.images)
+        if self.groups is None:
+            self.groups = np.arange(n, dtype=np.int64)
+        self.groups = np.asarray(self.groups, dtype=np.int64)
+        if self.groups.shape != (n,):
+            raise IQADataError(f"IQAExamples: {n} images but groups of shape {list(self.groups.shape)}")
         if not (len(self.quality) == len(self.kinds) == len(self.photos) == n):
             raise IQADataError(
                 f"IQAExamples: {n} images but {len(self.quality)} labels, {len(self.kinds)} kinds, "
@@ -281,7 +288,7 @@ class IQAExamples:
         idx = np.flatnonzero(mask)
         return IQAExamples(
             self.images[idx], self.quality[idx], [self.kinds[i] for i in idx],
-            [self.photos[i] for i in idx], self.label_source, dict(self.meta),
+            [self.photos[i] for i in idx], self.label_source, self.groups[idx],
         )
 
     @staticmethod
@@ -289,12 +296,14 @@ class IQAExamples:
         parts = [p for p in parts if len(p)]
         if not parts:
             raise IQADataError("IQAExamples.concat: no examples")
+        offsets = np.cumsum([0] + [int(p.groups.max()) + 1 for p in parts[:-1]])  # groups stay distinct
         return IQAExamples(
             np.concatenate([p.images for p in parts]),
             np.concatenate([p.quality for p in parts]),
             [k for p in parts for k in p.kinds],
             [ph for p in parts for ph in p.photos],
             parts[0].label_source,
+            np.concatenate([p.groups + o for p, o in zip(parts, offsets)]),
         )
 
 
@@ -319,14 +328,15 @@ def build_iqa_examples(
     """
     label = label or SSIMLabel()
     rng = np.random.default_rng([seed, 0x1A0])
-    gts, images, refs, kinds, names, lqs = [], [], [], [], [], []
+    gts, images, refs, kinds, names, lqs, groups = [], [], [], [], [], [], []
     for name in photos:
         photo = photo_loader(name)
         for _ in range(crops_per_photo):
             gt = _crop(photo, resolution, rng)
             x = gt.astype(np.float32) / 255.0
             gts.append(gt)
-            images.append(gt), refs.append(gt), kinds.append("gt"), names.append(name)
+            crop = len(gts) - 1
+            images.append(gt), refs.append(gt), kinds.append("gt"), names.append(name), groups.append(crop)
             if degraded_per_crop is None:  # every degradation at every graded severity
                 draws = [(d, s) for d in degradations for s in severities]
             else:  # a random (degradation, severity) per draw: more content for the same cost
@@ -334,10 +344,10 @@ def build_iqa_examples(
                          for _ in range(degraded_per_crop)]
             for d, s in draws:
                 images.append(_to_u8(degrade_at(d, x, s, rng)))
-                refs.append(gt), kinds.append("degraded"), names.append(name)
+                refs.append(gt), kinds.append("degraded"), names.append(name), groups.append(crop)
             lq = _to_u8(low_light(x, rng))  # the RL data's degradation at its random range
             lqs.append(lq)
-            images.append(lq), refs.append(gt), kinds.append("lq"), names.append(name)
+            images.append(lq), refs.append(gt), kinds.append("lq"), names.append(name), groups.append(crop)
     if restorer is not None and lqs:
         restored = np.asarray(restorer(np.stack(lqs)))  # [n, M, H, W, 3]
         if restored.ndim != 5 or restored.shape[0] != len(lqs) or restored.dtype != np.uint8:
@@ -348,12 +358,12 @@ def build_iqa_examples(
         for i in range(len(lqs)):
             for m in range(restored.shape[1]):
                 images.append(restored[i, m]), refs.append(gts[i])
-                kinds.append("restored"), names.append(photo_of_crop[i])
+                kinds.append("restored"), names.append(photo_of_crop[i]), groups.append(i)
     images_a, refs_a = np.stack(images), np.stack(refs)
     quality = np.asarray(label(images_a, refs_a), dtype=np.float64)
     if quality.shape != (len(images_a),):
         raise IQADataError(f"label source {label.name!r}: returned shape {list(quality.shape)}, expected [{len(images_a)}]")
-    return IQAExamples(images_a, quality, kinds, names, label.name)
+    return IQAExamples(images_a, quality, kinds, names, label.name, np.asarray(groups))
 
 
 def load_rated_folder(root: str | Path, resolution: int, ratings_file: str = "ratings.csv") -> IQAExamples:

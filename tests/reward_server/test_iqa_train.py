@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from reward_server.iqa_train import IQATrainSettings, correlations, fine_tune_iqa_model, held_out_report, level_loss
+from reward_server.iqa_train import (
+    IQATrainSettings,
+    correlations,
+    fidelity_loss,
+    fine_tune_iqa_model,
+    held_out_report,
+    level_loss,
+)
 
 
 def test_level_loss_hand_worked():
@@ -19,6 +26,18 @@ def test_level_loss_hand_worked():
     p = torch.tensor([[0.1, 0.2, 0.4, 0.2, 0.1]])
     expect = -(0.25 * math.log(0.2) + 0.75 * math.log(0.4))
     assert float(level_loss(torch.log(p) + 7.0, t[:1])) == pytest.approx(expect, rel=1e-6)  # offset cancels
+
+
+def test_fidelity_loss_hand_worked():
+    same = torch.zeros(2, 5)  # equal predictions: P̂ = 0.5 for both orders
+    assert float(fidelity_loss(same, torch.tensor([3.0, 3.0]))) == pytest.approx(0.0, abs=1e-4)
+    # labels 4 levels apart: target P ≈ 1 (and 0 for the reversed pair): loss 1 − √0.5 per pair
+    # (abs 3e-4: the loss adds 1e-8 under each square root, √1e-8 = 1e-4)
+    assert float(fidelity_loss(same, torch.tensor([5.0, 1.0]))) == pytest.approx(1 - math.sqrt(0.5), abs=3e-4)
+    # confident and right: first image all "excellent", second all "bad" -> loss ~ 0
+    right = torch.tensor([[20.0, 0, 0, 0, 0], [0, 0, 0, 0, 20.0]])
+    assert float(fidelity_loss(right, torch.tensor([5.0, 1.0]))) < 1e-3
+    assert float(fidelity_loss(right, torch.tensor([1.0, 5.0]))) > 0.9  # confident and wrong
 
 
 def test_correlations_and_report():
