@@ -200,15 +200,19 @@ def run_arm(arm: Arm, iterations: int, eval_seeds: int, extra: tuple[str, ...]) 
 
     from common.policy import build_policy
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # measured (benchmarks.system): faster than 2 on these tiny models
-    t0 = time.perf_counter()
-    cfg = arm_config([*TRAIN_OVERRIDES, f"algorithm.mode={arm.mode}", *arm.reward, *extra])
-    score = _scorer_fn(cfg)
-    policy, curve = train(cfg, iterations, score, null=arm.null)
-    t_train = time.perf_counter() - t0
-    base = build_policy(cfg.model, cfg.data.resolution).eval()
-    r_base = score(eval_images(base, cfg, eval_seeds))
-    r_trained = score(eval_images(policy, cfg, eval_seeds))
+    try:
+        t0 = time.perf_counter()
+        cfg = arm_config([*TRAIN_OVERRIDES, f"algorithm.mode={arm.mode}", *arm.reward, *extra])
+        score = _scorer_fn(cfg)
+        policy, curve = train(cfg, iterations, score, null=arm.null)
+        t_train = time.perf_counter() - t0
+        base = build_policy(cfg.model, cfg.data.resolution).eval()
+        r_base = score(eval_images(base, cfg, eval_seeds))
+        r_trained = score(eval_images(policy, cfg, eval_seeds))
+    finally:
+        torch.set_num_threads(threads)
     return {"arm": arm.name, "mode": arm.mode, "reward": list(arm.reward), "iterations": iterations,
             **paired(r_trained, r_base, eval_seeds), "train_s": round(t_train, 1),
             "seconds": round(time.perf_counter() - t0, 1), "curve": curve}
