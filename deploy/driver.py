@@ -438,7 +438,8 @@ class Driver:
             self._get([lr.reset_reward_tracker.remote() for lr in learners])
         print(f"[iter-rl] iteration {iteration}: reward model v{before} -> v{self.reward_model_index} "
               f"({len(images)} policy images labelled; tracker {t.refresh_tracker})", flush=True)
-        return {"reward_refreshed": True, "reward_model_index": self.reward_model_index}
+        # This iteration's rewards came from the old model: its record keeps reward_model_index.
+        return {"reward_refreshed_to": self.reward_model_index}
 
     def _report_reward_version(self) -> None:
         try:

@@ -217,15 +217,21 @@ def check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
 
 
 def _model_version(model_path: Path, preset: ScorerPreset) -> str:
-    """Short hash of config.json, the weight files' names and sizes, the preset, and the IQA card
-    of a trained model (it holds the weights' sha256: a fine-tuned model of the same shape and
-    size gets a new version)."""
+    """Short hash of config.json, the preset, the IQA card of a trained model, and each weight
+    file's name, size and first and last MiB (content, not only size: two checkpoints of one
+    architecture have equal sizes; reading 2 MiB a file keeps this cheap for a 7B model)."""
     h = hashlib.sha256()
     for name in ("config.json", "iqa_card.json"):
         if (model_path / name).is_file():
             h.update((model_path / name).read_bytes())
     for f in sorted(model_path.glob("*.safetensors")) + sorted(model_path.glob("*.bin")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(size - (1 << 20))
+                h.update(fh.read())
     h.update(
         json.dumps(
             [preset.name, preset.build_prompt(), preset.level_words, preset.level_weights]

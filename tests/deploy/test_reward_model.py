@@ -29,7 +29,7 @@ def test_trained_reward_served_by_vllm_ranks_ground_truth_above_lq(tmp_path):
     folder = ensure_trained_reward(cfg, progress=False)
     card = read_card(folder)
     assert card["version"] == 0 and card["headline"]["engine"] == "vllm"
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", CARD_FILE):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "chat_template.jinja", CARD_FILE):
         assert (folder / name).is_file(), name
     held = load_examples(folder / HELD_OUT_FILE)
     assert set(held.photos).isdisjoint({"chelsea", "coins", "moon"})  # never the RL test photos
@@ -97,7 +97,7 @@ def test_iterative_rl_rolls_the_reward_over_and_resume_keeps_the_version(ray_loc
     versions = [set(r["reward_model_versions"]) for r in recs]
     assert all(len(v) == 1 for v in versions)  # one model scored each batch
     assert versions[0] == versions[1] != versions[2] == versions[3]
-    assert recs[1].get("reward_refreshed") is True and "seconds/reward_refresh" in recs[1]
+    assert recs[1].get("reward_refreshed_to") == 1 and "seconds/reward_refresh" in recs[1]
     assert Driver(load_config(DEMO, [*overrides, "deploy.iterations=6"]), resume="auto").run_loop() == 0
     recs = read_metrics(run / "metrics.jsonl")
     assert [r["iteration"] for r in recs] == [0, 1, 2, 3, 4, 5]
