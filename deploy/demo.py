@@ -150,7 +150,16 @@ def paired_gain_report(rl: ExperimentConfig, run_root: Path) -> dict[str, float]
     its, base = base_reward_curve(rl, rl.deploy.iterations, scorer)
     xs, ys, _ = reward_curve(run_root / "metrics.jsonl")
     by_it = dict(zip(its, base))
-    gain = np.asarray([y - by_it[x] for x, y in zip(xs, ys)])
+    # The base is scored by the run's first reward model: with iterative RL, iterations scored by a
+    # refreshed model are not comparable to it and are left out of the gain.
+    from deploy.outputs import read_metrics
+
+    index = {int(r["iteration"]): int(r.get("reward_model_index", 0)) for r in read_metrics(run_root / "metrics.jsonl")}
+    same = [(x, y) for x, y in zip(xs, ys) if index.get(int(x), 0) == 0]
+    if len(same) < len(xs):
+        print(f"[demo] {len(xs) - len(same)} iteration(s) were scored by a refreshed reward model: the paired gain "
+              f"covers the {len(same)} scored by the base's model", flush=True)
+    gain = np.asarray([y - by_it[x] for x, y in same])
     se = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else float("nan")
     out = {"mean_gain": float(gain.mean()), "se": se, "last_gain": float(gain[-1])}
     (run_root / "base_rewards.json").write_text(json.dumps(
@@ -160,7 +169,7 @@ def paired_gain_report(rl: ExperimentConfig, run_root: Path) -> dict[str, float]
                          title="Training reward vs the base policy on the same draws",
                          baselines={"RL run": (its, base)})
     print(f"[demo] paired reward gain of the RL run over the base policy on the same inputs and noise: "
-          f"{out['mean_gain']:+.4f} ± {se:.4f} (mean ± SE over {len(gain)} iterations; last iteration "
+          f"{out['mean_gain']:+.4f} ± {se:.4f} (mean ± SE over {len(gain)} iterations; the last one "
           f"{out['last_gain']:+.4f}); curves: {run_root / 'reward_curve_vs_base.png'}", flush=True)
     return out
 
