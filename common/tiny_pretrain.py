@@ -48,6 +48,7 @@ __all__ = [
     "tiny_vae_dir",
     "tiny_vae_key",
     "train_tiny_vae",
+    "warmup_cosine",
 ]
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,18 @@ def reconstruction_psnr(vae: AutoencoderKL, images: torch.Tensor | np.ndarray) -
 
 
 # ------------------------------------------------------------------------------ training
+def warmup_cosine(opt: torch.optim.Optimizer, steps: int, warmup_fraction: float):
+    """LambdaLR: linear warm-up over ``warmup_fraction`` of ``steps``, then cosine decay to 0."""
+    warm = max(1, int(warmup_fraction * steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
 def train_tiny_vae(
     vae: AutoencoderKL,
     settings: VAEPretrainSettings,
@@ -154,14 +167,7 @@ def train_tiny_vae(
     rng = np.random.default_rng([seed, RECIPE_VERSION])
     params = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    warm = max(1, int(settings.warmup_fraction * settings.steps))
-
-    def lr_factor(step: int) -> float:  # linear warm-up, then cosine to 0
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, settings.steps - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    sched = warmup_cosine(opt, settings.steps, settings.warmup_fraction)
     losses = []
     vae.train()
     t0 = time.perf_counter()

@@ -98,6 +98,7 @@ class Driver:
         self._metrics: dict[str, Any] = {}
         self.dropped_total = 0
         self._dataset: Any = None  # the training pairs (ground truth for iterative RL labels), lazily
+        self._reward_index: tuple[Any, int] = (None, 0)  # (model folder, its version index)
 
     # ------------------------------------------------------------------------------ set-up
     def _install_signal_handlers(self) -> None:
@@ -392,12 +393,15 @@ class Driver:
     # ------------------------------------------------------------------------ iterative RL
     @property
     def reward_model_index(self) -> int:
-        """Version index of the reward model in use: 0 for the first, +1 per refresh (its card)."""
+        """Version index of the reward model in use: 0 for the first, +1 per refresh (its card,
+        read once per model folder)."""
         from reward_server.iqa_train import read_card
 
         path = self.cfg.reward.model_path
-        card = read_card(path) if path is not None else None
-        return int(card.get("version", 0)) if card else 0
+        if self._reward_index[0] != path:
+            card = read_card(path) if path is not None else None
+            self._reward_index = (path, int(card.get("version", 0)) if card else 0)
+        return self._reward_index[1]
 
     def _rollover_reward(self, model_path: Path) -> None:
         """Redeploy the reward app under the same name with another model folder. Serve starts

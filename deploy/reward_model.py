@@ -135,31 +135,14 @@ def iqa_base_model(cfg: ExperimentConfig) -> Path:
 
 
 def _examples(cfg: ExperimentConfig, photos, crops: int, seed: int, restorer, restored_inputs: int) -> IQAExamples:
-    """Clean/degraded/LQ crops of ``photos``, plus the base policy's restorations of the first
-    ``restored_inputs`` LQ crops."""
-    from reward_server.iqa_data import IQAExamples, build_iqa_examples
+    """Clean/degraded/LQ crops of ``photos``, plus the base policy's restorations of
+    ``restored_inputs`` LQ crops spread over the photos."""
+    from reward_server.iqa_data import build_iqa_examples
 
     t = cfg.reward.iqa_train
-    label = label_source(t.label_source)
-    ex = build_iqa_examples(photos, resolution=cfg.data.resolution, crops_per_photo=crops, seed=seed,
-                            label=label, degraded_per_crop=t.degraded_per_crop)
-    if restorer is None or restored_inputs == 0:
-        return ex
-    lq_idx = np.flatnonzero(np.asarray(ex.kinds) == "lq")
-    # Spread the restored crops over the photos (every k-th LQ crop).
-    pick = lq_idx[np.linspace(0, len(lq_idx) - 1, min(restored_inputs, len(lq_idx))).round().astype(int)]
-    gt_of = {i: i - 1 - t.degraded_per_crop for i in pick}  # the clean crop precedes its copies
-    restored = restorer(ex.images[pick])  # [n, K, H, W, 3]
-    n, k = restored.shape[:2]
-    refs = np.repeat(ex.images[[gt_of[i] for i in pick]], k, axis=0)
-    images = restored.reshape(n * k, *restored.shape[2:])
-    quality = np.asarray(label(images, refs), dtype=np.float64)
-    merged = IQAExamples(
-        np.concatenate([ex.images, images]), np.concatenate([ex.quality, quality]),
-        ex.kinds + ["restored"] * (n * k), ex.photos + [ex.photos[i] for i in pick for _ in range(k)],
-        ex.label_source, np.concatenate([ex.groups, np.repeat(ex.groups[pick], k)]),  # a restoration joins its crop
-    )
-    return merged
+    return build_iqa_examples(photos, resolution=cfg.data.resolution, crops_per_photo=crops, seed=seed,
+                              label=label_source(t.label_source), degraded_per_crop=t.degraded_per_crop,
+                              restorer=restorer if restored_inputs else None, restored_inputs=restored_inputs)
 
 
 def ensure_trained_reward(cfg: ExperimentConfig, *, progress: bool = True) -> Path:
@@ -169,7 +152,7 @@ def ensure_trained_reward(cfg: ExperimentConfig, *, progress: bool = True) -> Pa
     starts from. Its restorations of training (and held-out) photos join the data.
     """
     from reward_server.iqa_data import IQA_HELD_OUT_PHOTOS, IQA_TRAIN_PHOTOS, load_rated_folder
-    from reward_server.iqa_train import RECIPE_VERSION, ensure_iqa_model, iqa_model_key, read_card
+    from reward_server.iqa_train import RECIPE_VERSION, ensure_iqa_model, read_card
 
     t = cfg.reward.iqa_train
     base = iqa_base_model(cfg)
@@ -186,11 +169,12 @@ def ensure_trained_reward(cfg: ExperimentConfig, *, progress: bool = True) -> Pa
     }
     settings = train_settings(t)
     out_dir = Path(cfg.reward.cache_dir).expanduser().resolve() / "iqa"
-    folder = out_dir / f"iqa-{iqa_model_key(settings, base, {**data_key, 'version': 0})}"
-    if read_card(folder) is not None:
-        return folder
+    trained: list[bool] = []
 
-    def make_data() -> tuple[IQAExamples, IQAExamples]:
+    def make_data() -> tuple[IQAExamples, IQAExamples]:  # called only when no cached model fits
+        trained.append(True)
+        if progress:
+            print(f"[iqa] training the IQA reward model ({settings.steps} steps from {base}) -> {out_dir}", flush=True)
         t0 = time.perf_counter()
         restorer = BasePolicyRestorer(cfg, seed=cfg.rollout.seed + 7919) if t.restored_inputs else None
         train = _examples(cfg, IQA_TRAIN_PHOTOS, t.crops_per_photo, t.seed, restorer, t.restored_inputs)
@@ -205,17 +189,15 @@ def ensure_trained_reward(cfg: ExperimentConfig, *, progress: bool = True) -> Pa
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
         return train, held
 
-    if progress:
-        print(f"[iqa] training the IQA reward model ({settings.steps} steps from {base}) -> {out_dir}", flush=True)
     t0 = time.perf_counter()
     folder = ensure_iqa_model(out_dir, base_model=base, preset=cfg.reward.preset, make_data=make_data,
                               data_key=data_key, settings=settings, version=0,
                               check_vllm=cfg.reward.backend == "vllm")
     if progress:
-        card = read_card(folder) or {}
-        h = card.get("headline", {})
-        print(f"[iqa] trained in {time.perf_counter() - t0:.0f} s: held-out SRCC {h.get('srcc')} PLCC {h.get('plcc')} "
-              f"({h.get('engine')}); mean score {h.get('mean_score')}", flush=True)
+        h = (read_card(folder) or {}).get("headline", {})
+        how = f"trained in {time.perf_counter() - t0:.0f} s" if trained else f"reusing cached {folder}"
+        print(f"[iqa] {how}: held-out SRCC {h.get('srcc')} PLCC {h.get('plcc')} ({h.get('engine')}); "
+              f"mean score {h.get('mean_score')}", flush=True)
     return folder
 
 

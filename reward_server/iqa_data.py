@@ -318,13 +318,15 @@ def build_iqa_examples(
     severities: Sequence[float] = DEFAULT_SEVERITIES,
     degradations: Sequence[str] = ("low_light", "blur", "rain"),
     degraded_per_crop: int | None = None,
+    restored_inputs: int | None = None,
     photo_loader: Callable[[str], np.ndarray] = iqa_photo,
 ) -> IQAExamples:
     """The labelled set of the module docstring for ``photos`` (names in ``skimage.data``).
 
     Per crop: 1 clean + len(degradations)·len(severities) graded (or ``degraded_per_crop``
     random draws of a degradation at a severity ~ U(0.05, 1)) + 1 LQ (RL-style low light) + M
-    restored (``restorer`` output per LQ, none without a restorer). Deterministic in ``seed``.
+    restored (``restorer`` output per LQ, none without a restorer; ``restored_inputs``: only that
+    many LQ crops, evenly spread over the photos). Deterministic in ``seed``.
     """
     label = label or SSIMLabel()
     rng = np.random.default_rng([seed, 0x1A0])
@@ -348,17 +350,19 @@ def build_iqa_examples(
             lq = _to_u8(low_light(x, rng))  # the RL data's degradation at its random range
             lqs.append(lq)
             images.append(lq), refs.append(gt), kinds.append("lq"), names.append(name), groups.append(crop)
-    if restorer is not None and lqs:
-        restored = np.asarray(restorer(np.stack(lqs)))  # [n, M, H, W, 3]
-        if restored.ndim != 5 or restored.shape[0] != len(lqs) or restored.dtype != np.uint8:
+    n_restore = len(lqs) if restored_inputs is None else min(restored_inputs, len(lqs))
+    if restorer is not None and n_restore:
+        pick = np.linspace(0, len(lqs) - 1, n_restore).round().astype(int)  # crop indices
+        restored = np.asarray(restorer(np.stack([lqs[i] for i in pick])))  # [n, M, H, W, 3]
+        if restored.ndim != 5 or restored.shape[0] != n_restore or restored.dtype != np.uint8:
             raise IQADataError(
-                f"restorer: expected uint8 [{len(lqs)}, M, H, W, 3], got {restored.dtype} {list(restored.shape)}"
+                f"restorer: expected uint8 [{n_restore}, M, H, W, 3], got {restored.dtype} {list(restored.shape)}"
             )
         photo_of_crop = [n for n in photos for _ in range(crops_per_photo)]
-        for i in range(len(lqs)):
+        for row, i in enumerate(pick):
             for m in range(restored.shape[1]):
-                images.append(restored[i, m]), refs.append(gts[i])
-                kinds.append("restored"), names.append(photo_of_crop[i]), groups.append(i)
+                images.append(restored[row, m]), refs.append(gts[i])
+                kinds.append("restored"), names.append(photo_of_crop[i]), groups.append(int(i))
     images_a, refs_a = np.stack(images), np.stack(refs)
     quality = np.asarray(label(images_a, refs_a), dtype=np.float64)
     if quality.shape != (len(images_a),):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import subprocess
@@ -246,6 +245,8 @@ def fine_tune_iqa_model(
     loss per step and, every ``log_every`` steps, the held-out SRCC (transformers scores)."""
     import torch
 
+    from common.tiny_pretrain import warmup_cosine
+
     preset = get_preset(preset)
     if preset.mode != "levels":
         raise IQATrainingError(f"preset {preset.name!r}: training needs a levels preset, got mode {preset.mode!r}")
@@ -255,14 +256,7 @@ def fine_tune_iqa_model(
     rng = np.random.default_rng([settings.seed, RECIPE_VERSION])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    warm = max(1, int(settings.warmup_fraction * settings.steps))
-
-    def lr_factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, settings.steps - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    sched = warmup_cosine(opt, settings.steps, settings.warmup_fraction)
     order = _batch_order(train, rng, settings.group_batches)
     pos, losses, curve = 0, [], []
     model.train()
@@ -378,10 +372,11 @@ def _score_main(model_dir: str, preset: str, engine: str, images_file: str, out_
 # ----------------------------------------------------------------------------------- caching
 def iqa_model_key(settings: IQATrainSettings, base_model: Path, data_key: dict[str, Any]) -> str:
     """12 hex digits naming a trained model: recipe, base model and what made its data."""
-    base_cfg = (base_model / "config.json").read_bytes() if (base_model / "config.json").is_file() else b""
+    from reward_server.scoring import weights_digest
+
     blob = json.dumps(
         {"settings": asdict(settings), "recipe": RECIPE_VERSION, "data": data_key,
-         "base_config": hashlib.sha256(base_cfg).hexdigest(), "base_weights": _weights_sha256(base_model)},
+         "base": weights_digest(base_model)},
         sort_keys=True, default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -487,7 +482,10 @@ def ensure_iqa_model(
         keep = np.sort(rng.permutation(len(train))[:REPLAY_SIZE])
         save_examples(train.select(np.isin(np.arange(len(train)), keep)), tmp / REPLAY_FILE)
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
-        os.replace(tmp, final) if not final.exists() else shutil.rmtree(tmp)
+        if final.exists():  # another process finished the same model first: keep its folder
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

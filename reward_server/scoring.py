@@ -216,10 +216,10 @@ def check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
-def _model_version(model_path: Path, preset: ScorerPreset) -> str:
-    """Short hash of config.json, the preset, the IQA card of a trained model, and each weight
-    file's name, size and first and last MiB (content, not only size: two checkpoints of one
-    architecture have equal sizes; reading 2 MiB a file keeps this cheap for a 7B model)."""
+def weights_digest(model_path: Path) -> str:
+    """Hash of a model folder's config.json, IQA card and each weight file's name, size and first
+    and last MiB (content, not only size: two checkpoints of one architecture have equal sizes;
+    reading 2 MiB a file keeps this cheap for a 7B model)."""
     h = hashlib.sha256()
     for name in ("config.json", "iqa_card.json"):
         if (model_path / name).is_file():
@@ -232,6 +232,12 @@ def _model_version(model_path: Path, preset: ScorerPreset) -> str:
             if size > 2 << 20:
                 fh.seek(size - (1 << 20))
                 h.update(fh.read())
+    return h.hexdigest()
+
+
+def _model_version(model_path: Path, preset: ScorerPreset) -> str:
+    """Short hash of the weights (:func:`weights_digest`) and the preset."""
+    h = hashlib.sha256(weights_digest(model_path).encode())
     h.update(
         json.dumps(
             [preset.name, preset.build_prompt(), preset.level_words, preset.level_weights]
