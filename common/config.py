@@ -37,6 +37,7 @@ __all__ = [
     "LearnerConfig",
     "WeightSyncConfig",
     "DeployConfig",
+    "EvaluationConfig",
     "LoggingConfig",
     "load_config",
     "parse_config",
@@ -487,6 +488,22 @@ class DeployConfig(_Section):
         return v
 
 
+class EvaluationConfig(_Section):
+    """The inference sampler of every evaluation (``deploy.evaluate``, the compare tool): one
+    sampler for every arm, Base included, so an ablation that changes the *training* action
+    target (e.g. 'with x_{t-1}') is not also a change of the sampler it is measured with."""
+
+    num_inference_steps: int | None = F(
+        None, description="DDIM steps K at evaluation (None: rollout.num_inference_steps).", unit="steps", ge=1
+    )
+    eta: float | None = F(None, description="DDIM η at evaluation (None: rollout.eta).", ge=0, le=1)
+    policy_target: Literal["enhanced", "standard"] = F(
+        "standard",
+        description="Step of the evaluation sampler: `standard` the plain DDIM step (the base model's own "
+        "sampler), `enhanced` the refined-x̂0 step that algorithm.policy_target=enhanced trains.",
+    )
+
+
 class LoggingConfig(_Section):
     """Logs, metrics files, progress bars."""
 
@@ -507,6 +524,9 @@ class ExperimentConfig(_Section):
     algorithm: AlgorithmConfig = F(default_factory=AlgorithmConfig, description="The training algorithm.")
     learner: LearnerConfig = F(default_factory=LearnerConfig, description="Learner actors.")
     deploy: DeployConfig = F(default_factory=DeployConfig, description="Ray job and schedule.")
+    evaluation: EvaluationConfig = F(
+        default_factory=EvaluationConfig, description="The evaluation sampler (the same for every arm)."
+    )
     logging: LoggingConfig = F(default_factory=LoggingConfig, description="Logging and outputs.")
 
     @model_validator(mode="after")

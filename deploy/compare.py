@@ -1,12 +1,15 @@
 """The paper's comparison and ablations from one command (paper Tables 1 and 6, Figures 1 and 6).
 
     python -m deploy.compare --config FILE [--set k=v ...] [--rows "Base,Base +Diff.SFT,Original"]
-                             [--iterations N] [--name NAME]
+                             [--iterations N] [--name NAME] [--eval-samples 4]
 
 Every arm starts from the same policy (the config's ``model``, including its
 ``init_checkpoint``), the same seeds, data and iteration budget; only the algorithm overrides of
 its Table 6 row differ (``learner/modes.py``). ``Base`` is not trained. Each arm is then
-evaluated on the test split with the same evaluation noise and the same IQA scorer.
+evaluated on the test split with the same evaluation noise, the same IQA scorer and the same
+sampler (config ``evaluation``: no arm is measured with its training action target). The
+table gives each mean ± its standard error and the paired differences of every arm against
+Base and Base +Diff.SFT over the same images and noise.
 
 Outputs in ``<deploy.output_dir>/<name>/``: ``table.md`` + ``table.json`` (one row per arm:
 PSNR, SSIM, LPIPS, FID when local weights are given, IQA), ``iqa_distribution.png`` (Figure 1:
@@ -55,6 +58,34 @@ def arm_config(cfg: ExperimentConfig, row: str, name: str, iterations: int | Non
         data["deploy"]["iterations"] = iterations
         data["deploy"]["checkpoint_every"] = iterations
     return parse_config(data, source=f"arm {row!r}")
+
+
+#: Paired comparisons written under the table: (arm, reference arm) for every arm present.
+PAIRED_REFERENCES = ("Base", "Base +Diff.SFT")
+PAIRED_METRICS = ("iqa", "psnr", "ssim")
+
+
+def paired_difference(arm: dict[tuple[int, int], float], ref: dict[tuple[int, int], float]) -> tuple[float, float, int]:
+    """Mean and standard error of ``arm − ref`` over the (test image, evaluation seed) pairs both
+    restored from the same input and noise: returns (mean, se, n). The SE is that of the mean of
+    the n paired differences (sample std, ddof 1); n < 2 gives se = nan."""
+    keys = sorted(set(arm) & set(ref))
+    if not keys:
+        raise ValueError("no (image, sample) pair in common: were both arms evaluated on the same split?")
+    d = np.array([arm[k] - ref[k] for k in keys], dtype=np.float64)
+    se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else float("nan")
+    return float(d.mean()), se, int(d.size)
+
+
+def per_sample(res: Any, metric: str) -> dict[tuple[int, int], float]:
+    """{(image id, sample index): value} of one metric of an :class:`EvalResult`."""
+    return {(r.id, r.sample): float(getattr(r, metric)) for r in res.per_image}
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (ddof 1) over the restored samples of one arm."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), (float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else float("nan"))
 
 
 def check_overrides_keep_rows(overrides: list[str], rows: list[str]) -> None:
@@ -123,7 +154,8 @@ def start_weights_digest(cfg: ExperimentConfig) -> str:
 
 
 def run_compare(cfg: ExperimentConfig, rows: list[str], name: str, iterations: int | None,
-                lpips_weights: str | None = None, fid_weights: str | None = None) -> dict[str, Any]:
+                lpips_weights: str | None = None, fid_weights: str | None = None,
+                eval_samples: int = 1) -> dict[str, Any]:
     from deploy.driver import Driver
     from deploy.evaluate import build_eval_scorer, evaluate
     from deploy.figures import iqa_distribution_figure, iqa_groups_from_results, reward_curve, reward_curves_figure
@@ -152,7 +184,7 @@ def run_compare(cfg: ExperimentConfig, rows: list[str], name: str, iterations: i
             Driver(acfg).run_loop()
             ckpt = run_root
         res = evaluate(acfg, ckpt, out / "eval" / slug(row), scorer=scorer, label=row,
-                       lpips_weights=lpips_weights, fid_weights=fid_weights)
+                       lpips_weights=lpips_weights, fid_weights=fid_weights, samples_per_image=eval_samples)
         results[row] = res
         timings[row] = round(time.perf_counter() - t0, 1)
         print(f"[compare] {row}: PSNR {res.mean('psnr'):.2f}  SSIM {res.mean('ssim'):.4f}  "
@@ -160,24 +192,57 @@ def run_compare(cfg: ExperimentConfig, rows: list[str], name: str, iterations: i
 
     table = []
     for row, res in results.items():
-        table.append({"arm": row, "psnr": res.mean("psnr"), "ssim": res.mean("ssim"), "lpips": res.mean("lpips"),
-                      "fid": res.mean("fid"), "iqa": res.mean("iqa"), "seconds": timings[row],
-                      "start_weights_sha256": digests[row],
-                      "iterations": 0 if TABLE6_ROWS.get(row) is None else arms[row].deploy.iterations})
+        entry = {"arm": row, "psnr": res.mean("psnr"), "ssim": res.mean("ssim"), "lpips": res.mean("lpips"),
+                 "fid": res.mean("fid"), "iqa": res.mean("iqa"), "seconds": timings[row],
+                 "start_weights_sha256": digests[row], "samples": len(res.per_image),
+                 "iterations": 0 if TABLE6_ROWS.get(row) is None else arms[row].deploy.iterations}
+        for m in PAIRED_METRICS:
+            entry[f"{m}_se"] = mean_se([getattr(r, m) for r in res.per_image])[1]
+        table.append(entry)
+    paired = []
+    for ref in PAIRED_REFERENCES:
+        if ref not in results:
+            continue
+        for row, res in results.items():
+            if row == ref:
+                continue
+            p = {"arm": row, "reference": ref}
+            for m in PAIRED_METRICS:
+                mean, se, n = paired_difference(per_sample(res, m), per_sample(results[ref], m))
+                p.update({m: mean, f"{m}_se": se, "pairs": n})
+            paired.append(p)
+    sampler = next(iter(results.values())).sampler
     scorer_name = getattr(scorer, "name", type(scorer).__name__)
     md = [f"# Comparison `{name}` (test split, same noise, IQA by {scorer_name})", "",
           "| arm | PSNR ↑ | SSIM ↑ | LPIPS ↓ | FID ↓ | IQA ↑ | iterations |", "| --- | --- | --- | --- | --- | --- | --- |"]
 
-    def fmt(v: float | None, digits: int) -> str:
-        return "n/a (needs local weights)" if v is None else f"{v:.{digits}f}"
+    def fmt(v: float | None, digits: int, se: float | None = None) -> str:
+        if v is None:
+            return "n/a (needs local weights)"
+        return f"{v:.{digits}f}" + ("" if se is None or math.isnan(se) else f" ± {se:.{digits}f}")
 
     for r in table:
-        md.append(f"| {r['arm']} | {fmt(r['psnr'], 2)} | {fmt(r['ssim'], 4)} | {fmt(r['lpips'], 4)} | "
-                  f"{fmt(r['fid'], 2)} | {fmt(r['iqa'], 4)} | {r['iterations']} |")
-    md += ["", "PSNR: pyiqa psnr (RGB, data range 1). SSIM: pyiqa ssim (Y channel of YIQ, 0–255, valid window).",
+        md.append(f"| {r['arm']} | {fmt(r['psnr'], 2, r['psnr_se'])} | {fmt(r['ssim'], 4, r['ssim_se'])} | "
+                  f"{fmt(r['lpips'], 4)} | {fmt(r['fid'], 2)} | {fmt(r['iqa'], 4, r['iqa_se'])} | {r['iterations']} |")
+    if paired:
+        md += ["", "Paired differences (arm − reference over the same test images and evaluation noise; ± one SE; "
+               "**bold**: more than two SE):", "",
+               "| arm − reference | ΔIQA | ΔPSNR | ΔSSIM | pairs |", "| --- | --- | --- | --- | --- |"]
+        for p in paired:
+            cells = []
+            for m, digits in zip(PAIRED_METRICS, (4, 2, 4)):
+                c = fmt(p[m], digits, p[f"{m}_se"])
+                cells.append(f"**{c}**" if abs(p[m]) > 2 * p[f"{m}_se"] else c)
+            md.append(f"| {p['arm']} − {p['reference']} | {' | '.join(cells)} | {p['pairs']} |")
+    md += ["", f"± is one standard error over the {table[0]['samples']} restored samples (test images × "
+           f"{eval_samples} evaluation seed(s)).",
+           f"Every arm, Base included, is sampled alike: K = {sampler['num_inference_steps']} DDIM steps, "
+           f"η = {sampler['eta']}, step `{sampler['policy_target']}` (config `evaluation`).",
+           "PSNR: pyiqa psnr (RGB, data range 1). SSIM: pyiqa ssim (Y channel of YIQ, 0–255, valid window).",
            f"All arms start from the same trainable weights (sha256 {next(iter(digests.values()))[:16]}…)."]
     (out / "table.md").write_text("\n".join(md) + "\n")
-    (out / "table.json").write_text(json.dumps({"name": name, "rows": table}, indent=2) + "\n")
+    (out / "table.json").write_text(json.dumps({"name": name, "rows": table, "paired": paired, "sampler": sampler},
+                                               indent=2) + "\n")
 
     figures = {}
     rl = RL_ROW if RL_ROW in results else next((r for r in rows if TABLE6_ROWS.get(r)), None)
@@ -207,7 +272,7 @@ def run_compare(cfg: ExperimentConfig, rows: list[str], name: str, iterations: i
                                                             baselines=baselines))
     print("\n".join(md), flush=True)
     print(f"outputs: {out.resolve()}", flush=True)
-    return {"table": table, "figures": figures, "out": str(out)}
+    return {"table": table, "paired": paired, "figures": figures, "out": str(out)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--demo", action="store_true", help="start from the demo's cached SFT pre-training")
     ap.add_argument("--lpips-weights", default=None)
     ap.add_argument("--fid-weights", default=None)
+    ap.add_argument("--eval-samples", type=int, default=4,
+                    help="restorations per test image (evaluation seeds) for the ± and the paired differences")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -238,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
 
         Driver(cfg)._connect_ray()
         cfg = demo_rl_config(cfg)  # the pre-trained tiny VAE and the cached SFT policy
-    run_compare(cfg, rows, args.name, args.iterations, args.lpips_weights, args.fid_weights)
+    run_compare(cfg, rows, args.name, args.iterations, args.lpips_weights, args.fid_weights,
+                eval_samples=args.eval_samples)
     return 0
 
 

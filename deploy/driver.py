@@ -95,6 +95,7 @@ class Driver:
         self._actors: list[Any] = []
         self._pgs: list[Any] = []
         self._serve_started = False
+        self._owns_ray = False  # this driver started the local Ray: run_loop shuts it down
         self._metrics: dict[str, Any] = {}
         self.dropped_total = 0
         self._dataset: Any = None  # the training pairs (ground truth for iterative RL labels), lazily
@@ -122,6 +123,7 @@ class Driver:
             ray.init(_node_ip_address=d.node_ip_address, namespace=d.namespace, include_dashboard=False,
                      configure_logging=False, log_to_driver=False,
                      num_cpus=max(os.cpu_count() or 1, self._cpus_needed()))
+            self._owns_ray = True
         else:
             # Inside `ray job submit` RAY_ADDRESS is set; "auto" finds the running cluster.
             ray.init(address=None if d.ray_address == "local" else d.ray_address, namespace=d.namespace)
@@ -168,7 +170,7 @@ class Driver:
         if not ready:
             raise RuntimeError(
                 f"could not place {n} {role} actor(s) of {bundle} within 120 s: the cluster lacks the resources "
-                f"(available: {ray.available_resources()})"
+                f"(available: {ray.available_resources()}; held by: {_resource_holders()})"
             )
         return pg
 
@@ -193,11 +195,20 @@ class Driver:
 
     # ------------------------------------------------------------------------------ the loop
     def run_loop(self) -> int:
-        """Run the whole job; the actors and the reward app are torn down however it ends."""
+        """Run the whole job; the actors and the reward app are torn down however it ends, and a
+        local Ray that this call started is shut down (a later job in the same process, e.g. the
+        demo's RL run after its SFT pre-training, would otherwise inherit a cluster sized for this
+        one). A Ray started before the call (the demo, the compare tool, tests) stays up."""
+        started_here = not self._owns_ray
         try:
             return self._run_loop()
         finally:
             self.shutdown()
+            if started_here and self._owns_ray:
+                import ray
+
+                ray.shutdown()
+                self._owns_ray = False
 
     def _run_loop(self) -> int:
         import ray
@@ -494,6 +505,21 @@ class Driver:
             self._metrics["dropped"].inc(n, tags={"reason": "stale"})
         except Exception as err:
             log.debug("metrics: %s", err)
+
+
+def _resource_holders() -> str:
+    """Alive actors and placement groups that hold resources, for a placement error (best effort:
+    the state API needs the dashboard agent, which a minimal local Ray may lack)."""
+    try:
+        from ray.util import placement_group_table
+        from ray.util.state import list_actors
+
+        pgs = [f"{v.get('name') or k[:8]}:{v.get('state')}x{len(v.get('bundles', {}))}"
+               for k, v in placement_group_table().items() if v.get("state") != "REMOVED"]
+        actors = [f"{a.class_name}({a.state})" for a in list_actors(filters=[("state", "=", "ALIVE")], limit=50)]
+        return f"placement groups {pgs}, actors {actors}"
+    except Exception as e:  # noqa: BLE001 - diagnostics only
+        return f"unknown ({type(e).__name__})"
 
 
 def _progress(cfg: ExperimentConfig, start: int):

@@ -14,9 +14,10 @@
 
 Every arm restores the same inputs from the same noise: trajectory seeds depend only on
 (``--seed``, input id, sample index, :data:`EVAL_ROUND`), never on the weights, so the numbers of
-two checkpoints differ only because their weights do. Sampling uses the config's K
-(``rollout.num_inference_steps``), η (``rollout.eta``) and action target
-(``algorithm.policy_target``): the trained policy's own distribution.
+two checkpoints differ only because their weights do. Sampling uses the config's
+``evaluation`` sampler (:func:`eval_sampler`): K and η default to the rollout's, the step is the
+plain DDIM step (``evaluation.policy_target: standard``, the base model's own sampler). It reads
+no ``algorithm`` setting, so every arm of a comparison, Base included, is sampled alike.
 
 Metrics (exact conventions in :data:`CONVENTIONS`, also written into results.md/json):
 PSNR and SSIM (pyiqa), LPIPS and FID (pyiqa, only with local weights: never downloaded, never
@@ -693,6 +694,21 @@ def _safe_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "image"
 
 
+def eval_sampler(cfg: ExperimentConfig, samples_per_image: int = 1):
+    """The evaluation sampler of ``cfg.evaluation`` (unset K/η: the rollout's). It reads no
+    ``algorithm`` setting, so every arm of a comparison is sampled alike (issue 12)."""
+    from rollout.sampler import SamplerSettings
+
+    e = cfg.evaluation
+    return SamplerSettings(
+        num_inference_steps=e.num_inference_steps or cfg.rollout.num_inference_steps,
+        eta=cfg.rollout.eta if e.eta is None else e.eta,
+        samples_per_input=samples_per_image,
+        reward_steps="last",  # no sink: the rewards stay NaN; the final images are scored below
+        policy_target=e.policy_target,
+    )
+
+
 def evaluate(
     cfg: ExperimentConfig,
     checkpoint: str | Path | None = "base",
@@ -711,7 +727,7 @@ def evaluate(
     """Restore the test split with the checkpoint's policy, measure, write results.md/json + PNGs.
 
     Args:
-        cfg: the experiment config (model, data, rollout K/η, algorithm.policy_target, reward).
+        cfg: the experiment config (model, data, the evaluation sampler, reward).
         checkpoint: ``"base"``, a run folder, a ckpt-* folder or a trainable-weights folder.
         out_dir: default ``<deploy.output_dir>/<run_name>/eval/<label>``.
         samples_per_image: G restorations per test image (different noise each).
@@ -727,7 +743,7 @@ def evaluate(
 
     from common.data import build_dataset
     from deploy.outputs import sample_grid
-    from rollout.sampler import SamplerSettings, sample_trajectories
+    from rollout.sampler import sample_trajectories
 
     if samples_per_image < 1:
         raise EvaluationError(f"samples_per_image: expected >= 1, got {samples_per_image}")
@@ -760,13 +776,7 @@ def evaluate(
     if scorer is None:
         scorer = build_eval_scorer(cfg, device)
     G = samples_per_image
-    settings = SamplerSettings(
-        num_inference_steps=cfg.rollout.num_inference_steps,
-        eta=cfg.rollout.eta,
-        samples_per_input=G,
-        reward_steps="last",  # no sink: the rewards stay NaN; the final images are scored below
-        policy_target=cfg.algorithm.policy_target,
-    )
+    settings = eval_sampler(cfg, G)
 
     per_image: list[ImageRecord] = []
     refs: list[ReferenceRecord] = []

@@ -45,6 +45,10 @@ def ray_local():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     started = False
+    if ray.is_initialized() and ray.cluster_resources().get("CPU", 0) < 8:
+        # Someone (a library call that started its own local Ray) left a smaller cluster behind:
+        # the tests below size their jobs for 8 logical CPUs, so start the one they expect.
+        ray.shutdown()
     if not ray.is_initialized():
         ray.init(_node_ip_address="127.0.0.2", num_cpus=8, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)

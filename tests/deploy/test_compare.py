@@ -23,12 +23,44 @@ def test_arms_differ_only_in_their_row_and_run_name(tmp_path):
                         ("Norm. from track", {"advantage_norm": "track"}), ("Original", {"mode": "adaptive"})]:
         arm = arm_config(cfg, row, "cmp", iterations=2).model_dump()
         assert arm["deploy"]["run_name"].startswith("cmp-") and arm["deploy"]["iterations"] == 2
-        for section in ("model", "data", "rollout", "reward", "learner"):
+        for section in ("model", "data", "rollout", "reward", "learner", "evaluation"):
             assert arm[section] == base[section], section
         for key, value in expect.items():
             assert arm["algorithm"][key] == value
     with pytest.raises(ValueError, match="Table 6 row"):
         arm_config(cfg, "with magic", "cmp", 2)
+
+
+def test_every_arm_is_evaluated_with_one_sampler(tmp_path):
+    """'with x_{t-1}' trains with the plain DDIM step and Original with the refined one; both are
+    measured with the config's one evaluation sampler, as Base is (issue 12, fair evaluation)."""
+    from deploy.evaluate import eval_sampler
+
+    cfg = load_config(DEMO, [*SMALL, f"deploy.output_dir={tmp_path}", "rollout.eta=0.5"])
+    samplers = {row: eval_sampler(arm_config(cfg, row, "cmp", iterations=2), 3)
+                for row in ("Base", "Original", "with x_{t-1}")}
+    assert arm_config(cfg, "Original", "cmp", 2).algorithm.policy_target == "enhanced"
+    assert arm_config(cfg, "with x_{t-1}", "cmp", 2).algorithm.policy_target == "standard"
+    assert len(set(samplers.values())) == 1
+    s = samplers["Base"]
+    assert (s.num_inference_steps, s.eta, s.policy_target, s.samples_per_input) == (3, 0.5, "standard", 3)
+    s = eval_sampler(load_config(DEMO, [*SMALL, "evaluation.eta=0.0", "evaluation.num_inference_steps=5",
+                                        "evaluation.policy_target=enhanced"]))
+    assert (s.num_inference_steps, s.eta, s.policy_target) == (5, 0.0, "enhanced")
+
+
+def test_paired_difference_hand_worked():
+    from deploy.compare import mean_se, paired_difference
+
+    arm = {(0, 0): 0.5, (0, 1): 0.7, (1, 0): 0.2, (9, 9): 5.0}  # (9, 9) has no partner: left out
+    ref = {(0, 0): 0.4, (0, 1): 0.4, (1, 0): 0.2, (2, 0): 1.0}
+    mean, se, n = paired_difference(arm, ref)
+    # d = [0.1, 0.3, 0.0]: mean 0.13333, sample std sqrt(((-.0333)^2 + .16667^2 + .13333^2) / 2) = 0.15275
+    assert n == 3 and mean == pytest.approx(0.4 / 3) and se == pytest.approx(0.152753 / 3 ** 0.5, rel=1e-5)
+    with pytest.raises(ValueError, match="no \\(image, sample\\) pair"):
+        paired_difference({(0, 0): 1.0}, {(1, 0): 1.0})
+    m, e = mean_se([1.0, 2.0, 3.0, 4.0])
+    assert m == 2.5 and e == pytest.approx(1.290994 / 2)
 
 
 def test_a_pass_of_iterations_draws_every_input_once():
@@ -56,7 +88,7 @@ def test_compare_on_cpu_demo_produces_table_and_figures(ray_local, tmp_path):
 
     cfg = load_config(DEMO, [*SMALL, f"deploy.output_dir={tmp_path}"])
     rows = ["Base", "Base +Diff.SFT", "Original", "with Rec."]
-    out = run_compare(cfg, rows, "cmp", iterations=2)
+    out = run_compare(cfg, rows, "cmp", iterations=2, eval_samples=2)
     table = json.loads((Path(out["out"]) / "table.json").read_text())["rows"]
     assert [r["arm"] for r in table] == rows
     assert len({r["start_weights_sha256"] for r in table}) == 1  # bit-identical starting weights
@@ -66,6 +98,15 @@ def test_compare_on_cpu_demo_produces_table_and_figures(ray_local, tmp_path):
         assert r["lpips"] is None and r["fid"] is None  # no local weights: a note, not a number
     md = (Path(out["out"]) / "table.md").read_text()
     assert "n/a (needs local weights)" in md and "Base +Diff.SFT" in md
+    assert all(r["samples"] == 2 * 2 and r["iqa_se"] > 0 for r in table)  # 2 test images × 2 seeds
+    # Paired against Base and against +Diff.SFT (each arm but the reference itself), over all 4 pairs.
+    pairs = [(p["arm"], p["reference"]) for p in out["paired"]]
+    assert pairs == [(r, "Base") for r in rows[1:]] + [(r, "Base +Diff.SFT") for r in rows if r != "Base +Diff.SFT"]
+    by = {r["arm"]: r for r in table}
+    for p in out["paired"]:
+        assert p["pairs"] == 4
+        assert p["iqa"] == pytest.approx(by[p["arm"]]["iqa"] - by[p["reference"]]["iqa"], abs=1e-9)
+    assert "± " in md and "step `standard`" in md and "Original − Base" in md
     for fig in ("iqa_distribution", "reward_curves"):
         with Image.open(out["figures"][fig]) as im:
             assert im.size[0] > 100 and im.size[1] > 100
