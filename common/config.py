@@ -478,6 +478,12 @@ class DeployConfig(_Section):
     )
     checkpoint_every: int = F(1, description="Checkpoint period.", unit="iterations", ge=1)
     keep_checkpoints: int = F(3, description="Checkpoints kept (older ones deleted).", unit="checkpoints", ge=1)
+    stop_timeout_s: float = F(
+        300.0, description="After a stop request (SIGTERM, `ray job stop`): how long the driver waits for the "
+        "iteration in flight and its checkpoint before it exits without them. `ray job stop` itself kills the "
+        "driver after RAY_JOB_STOP_WAIT_TIME_S (Ray's default: 3 s) - raise that to let the checkpoint finish.",
+        unit="s", gt=0,
+    )
     weight_sync: WeightSyncConfig = F(default_factory=WeightSyncConfig, description="Weight sync settings.")
 
     @field_validator("run_name")

@@ -12,9 +12,15 @@ rollout starts, with the weights the workers hold, before the learner updates on
 batch; a batch is used only while ``learner_version − batch_version ≤ max_staleness``, otherwise
 it is dropped and counted.
 
-SIGTERM/SIGINT (e.g. ``ray job stop``): the in-flight iteration is abandoned, the last completed
-iteration is checkpointed if it was not already, and the driver exits; ``--resume auto``
-continues with the next iteration (none repeated, none skipped).
+SIGTERM/SIGINT (e.g. ``ray job stop``): a stop that arrives during the rollout abandons that
+rollout (it is a pure function of the inputs, the round and the weights: the resumed run redoes
+it exactly); once the update has been sent, the iteration is finished — update, weight sync,
+checkpoint if due, its record. Then the last completed iteration is checkpointed if it was not
+already (every wait after a stop is bounded by ``deploy.stop_timeout_s``) and the driver exits
+0; ``--resume auto`` continues with the next iteration. An iteration's record and its checkpoint
+are one unit: the record is saved inside the checkpoint, and resume reconciles metrics.jsonl to
+the checkpoint it loads (later records dropped, a missing record restored), so after any stop or
+crash every iteration appears exactly once. A second SIGINT aborts at once (no checkpoint).
 """
 
 from __future__ import annotations
@@ -96,6 +102,9 @@ class Driver:
         self._pgs: list[Any] = []
         self._serve_started = False
         self._owns_ray = False  # this driver started the local Ray: run_loop shuts it down
+        self._stop_deadline = float("inf")
+        #: Test hook: called as ``stage_hook(stage, iteration)`` at each stage boundary (``_at``).
+        self.stage_hook: Any = None
         self._metrics: dict[str, Any] = {}
         self.dropped_total = 0
         self._dataset: Any = None  # the training pairs (ground truth for iterative RL labels), lazily
@@ -104,8 +113,10 @@ class Driver:
     # ------------------------------------------------------------------------------ set-up
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):  # noqa: ARG001
+            if self._stop and signum == signal.SIGINT:
+                raise KeyboardInterrupt("second interrupt: stopping without a checkpoint")
             log.warning("received signal %s: stopping after checkpointing the last completed iteration", signum)
-            self._stop = True
+            self.request_stop()
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
@@ -139,15 +150,33 @@ class Driver:
             n += replicas * c.reward.num_cpus_per_replica
         return int(n) + 1
 
-    def _get(self, refs: Any, timeout_s: float | None = None) -> Any:
-        """ray.get in short slices so a stop request is noticed while waiting."""
+    def request_stop(self) -> None:
+        """What SIGTERM does: finish or abandon the iteration in flight (see the module doc),
+        checkpoint, exit 0. Safe to call from a signal handler or a stage hook."""
+        if not self._stop:
+            self._stop = True
+            self._stop_deadline = time.monotonic() + self.cfg.deploy.stop_timeout_s
+
+    def _at(self, stage: str, iteration: int) -> None:
+        """A stage boundary: the test hook (``stage_hook(stage, iteration)``) runs here, so a test
+        can request a stop at an exact point instead of racing a signal against a sleep."""
+        if self.stage_hook is not None:
+            self.stage_hook(stage, iteration)
+
+    def _get(self, refs: Any, timeout_s: float | None = None, *, stoppable: bool = True) -> Any:
+        """ray.get in short slices so a stop request is noticed while waiting.
+
+        ``stoppable``: a stop raises :class:`StopRequested` at once (the rollout: redone on
+        resume). Otherwise the call is waited for (its effect on the learner state must be
+        kept, e.g. an update or a checkpoint), but after a stop only until ``deploy.stop_timeout_s``
+        from the stop request."""
         import ray
 
         single = not isinstance(refs, list)
         pending = [refs] if single else list(refs)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            if self._stop:
+            if self._stop and stoppable:
                 raise StopRequested()
             _, not_ready = ray.wait(pending, num_returns=len(pending), timeout=0.5)
             if not not_ready:
@@ -155,6 +184,11 @@ class Driver:
                 return out[0] if single else out
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"{len(not_ready)} of {len(pending)} tasks not done after {timeout_s} s")
+            if self._stop and time.monotonic() > self._stop_deadline:
+                raise TimeoutError(
+                    f"stop: {len(not_ready)} of {len(pending)} tasks not done {self.cfg.deploy.stop_timeout_s} s "
+                    "after the stop request (deploy.stop_timeout_s); exiting without them"
+                )
 
     def _placement_group(self, role: str, n: int, cpus: float, gpus: float, custom: dict[str, float]):
         from ray.util import placement_group
@@ -202,6 +236,9 @@ class Driver:
         started_here = not self._owns_ray
         try:
             return self._run_loop()
+        except StopRequested:  # during set-up, before the first iteration: nothing to checkpoint
+            log.warning("stopped before the first iteration")
+            return 0
         finally:
             self.shutdown()
             if started_here and self._owns_ray:
@@ -219,6 +256,16 @@ class Driver:
         from rollout.worker import create_rollout_workers
 
         cfg = self.cfg
+        # The checkpoint to resume from is chosen and verified (checksums) before Ray starts: a
+        # corrupt one is named in seconds, and an older one that verifies is used instead.
+        ckpt = None
+        if self.resume:
+            ckpt = resolve_resume(self.run.root, "latest" if self.resume == "auto" else self.resume)
+        elif self.run.metrics_path.exists():
+            raise RuntimeError(
+                f"{self.run.root} already holds a run: pass --resume auto to continue it, "
+                "or choose another deploy.run_name"
+            )
         if cfg.algorithm.uses_rl and cfg.algorithm.reward == "iqa" and cfg.reward.model_kind == "trained":
             from deploy.reward_model import with_trained_reward
 
@@ -245,13 +292,12 @@ class Driver:
 
         # Resume: learners load the checkpoint; workers get its weights.
         start = 0
-        ckpt = None
         if self.resume:
-            ckpt = resolve_resume(self.run.root, "latest" if self.resume == "auto" else self.resume)
             if ckpt is None:
                 log.info("resume auto: no checkpoint in %s, starting fresh", self.run.checkpoints)
+                self.run.reconcile_metrics(-1)  # records no checkpoint covers: redone, never appended to
             else:
-                info = self._get([lr.load_checkpoint.remote(str(ckpt)) for lr in learners])[0]
+                info = self._get([lr.load_checkpoint.remote(str(ckpt)) for lr in learners], stoppable=False)[0]
                 start = int(info["iteration"]) + 1
                 self.dropped_total = int(info["extra"].get("dropped_total", 0))
                 reward_path = info["extra"].get("reward_model_path")
@@ -259,14 +305,9 @@ class Driver:
                     # Iterative RL had refreshed the reward model: score with the version reached.
                     self._rollover_reward(Path(reward_path))
                     cfg = self.cfg
-                self.run.truncate_metrics_after(int(info["iteration"]))
+                self.run.reconcile_metrics(int(info["iteration"]), info["extra"].get("record"))
                 print(f"resumed from {ckpt}: continuing at iteration {start} "
                       f"(policy version {info['policy_version']})", flush=True)
-        elif self.run.metrics_path.exists():
-            raise RuntimeError(
-                f"{self.run.root} already holds a run: pass --resume auto to continue it, "
-                "or choose another deploy.run_name"
-            )
         if sync is not None:
             sync.setup()
             if ckpt is not None:
@@ -279,6 +320,7 @@ class Driver:
             self._save_preview(workers, preview_ids, "samples_before.png")
 
         last_done, last_ckpt = start - 1, start - 1
+        last_record: dict[str, Any] | None = None
         pending = None  # async: the rollout of the next iteration, in flight
         refresh_every = cfg.reward.iqa_train.refresh_every if self._serve_started else 0
         recent: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input ids [B], reward images) since the refresh
@@ -286,6 +328,7 @@ class Driver:
         progress = _progress(cfg, start)
         try:
             for it in range(start, cfg.deploy.iterations):
+                self._at("start", it)
                 if self._stop:
                     raise StopRequested()
                 timer = StageTimer()
@@ -293,7 +336,8 @@ class Driver:
                 ids = input_ids_for_iteration(it, n_inputs, num_inputs, cfg.rollout.seed)
                 if not uses_rollout:
                     with timer.stage("update"):
-                        metrics = self._get([lr.sft_update.remote(ids) for lr in learners])[0]
+                        metrics = self._get([lr.sft_update.remote(ids) for lr in learners], stoppable=False)[0]
+                    self._at("update", it)
                 else:
                     with timer.stage("rollout"):
                         refs = pending if pending is not None else self._launch_rollout(workers, ids, it)
@@ -304,6 +348,9 @@ class Driver:
                             pending = self._launch_rollout(workers, nxt, it + 1)
                         # reward is overlapped: workers gathered scores before returning
                         trajs = self._get(refs)
+                    self._at("rollout", it)
+                    if self._stop:  # the last point where this iteration can be abandoned
+                        raise StopRequested()
                     reward_versions: dict[str, int] = {}
                     for t in trajs:
                         for v, n in t.extras.get("reward_versions", {}).items():
@@ -315,7 +362,7 @@ class Driver:
                     if refresh_every:
                         recent.append((traj.input_ids.repeat_interleave(traj.reward_images.shape[1]),
                                        traj.reward_images.flatten(0, 1)))
-                    learner_version = self._get(learners[0].get_version.remote())
+                    learner_version = self._get(learners[0].get_version.remote(), stoppable=False)
                     staleness = learner_version - traj.policy_version
                     record.update(staleness=staleness, batch_version=traj.policy_version)
                     if staleness > cfg.deploy.max_staleness:
@@ -323,12 +370,15 @@ class Driver:
                         self._count_dropped(traj.batch_size)
                         record.update(dropped=traj.batch_size, dropped_total=self.dropped_total)
                         self.run.append_metrics(record)
+                        self._at("record", it)
                         continue
                     with timer.stage("update"):
                         traj_ref = ray.put(traj)  # one copy in the object store for all ranks
-                        metrics = self._get([lr.update.remote(traj_ref) for lr in learners])[0]
+                        metrics = self._get([lr.update.remote(traj_ref) for lr in learners], stoppable=False)[0]
+                    self._at("update", it)
                     with timer.stage("weight_sync"):
                         sync_info = sync.sync()
+                    self._at("weight_sync", it)
                     record.update(sync_info)
                     record.update(
                         trajectories=traj.batch_size,
@@ -341,23 +391,26 @@ class Driver:
                         record.update(self._refresh_reward(learners, recent, it))
                     recent = []
                     cfg = self.cfg
+                    self._at("reward_refresh", it)
+                record["dropped_total"] = self.dropped_total
                 if (it + 1) % cfg.deploy.checkpoint_every == 0 or it == cfg.deploy.iterations - 1:
                     with timer.stage("checkpoint"):
-                        self._checkpoint(learners, it)
+                        # The record travels inside the checkpoint: resume restores it if the
+                        # driver dies between this save and the append below.
+                        self._checkpoint(learners, it, self._finished(record, timer))
                     last_ckpt = it
-                record.update({f"seconds/{k}": round(v, 4) for k, v in timer.seconds.items()},
-                              dropped_total=self.dropped_total)
-                record["seconds/iteration"] = round(sum(timer.seconds.values()), 4)
-                record["wall_time"] = time.time()
+                    self._at("checkpoint", it)
+                record = self._finished(record, timer)
                 self.run.append_metrics(record)
+                last_record, last_done = record, it
+                self._at("record", it)
                 self._report(record)
-                last_done = it
                 progress.update(1)
                 progress.set_postfix(_postfix(record))
         except StopRequested:
             log.warning("stopped at iteration %d", last_done + 1)
             if last_done > last_ckpt:
-                self._checkpoint(learners, last_done)
+                self._checkpoint(learners, last_done, last_record)
             progress.close()
             self._finish(workers, preview_ids, final=False)
             return 0
@@ -393,13 +446,23 @@ class Driver:
         chunks = split_evenly(ids, len(workers))
         return [w.sample.remote(chunk, it) for w, chunk in zip(workers, chunks)]
 
-    def _checkpoint(self, learners: list[Any], iteration: int) -> None:
+    @staticmethod
+    def _finished(record: dict[str, Any], timer: StageTimer) -> dict[str, Any]:
+        """The iteration's record with its stage times and wall time (a copy)."""
+        out = {**record, **{f"seconds/{k}": round(v, 4) for k, v in timer.seconds.items()}}
+        out["seconds/iteration"] = round(sum(timer.seconds.values()), 4)
+        out["wall_time"] = time.time()
+        return out
+
+    def _checkpoint(self, learners: list[Any], iteration: int, record: dict[str, Any] | None = None) -> None:
         # Rank 0 writes (all ranks hold identical weights/optimizer/tracker after the update).
+        # Never abandoned by a stop (bounded by deploy.stop_timeout_s after one).
         self._get(learners[0].save_checkpoint.remote(
             str(self.run.root), iteration, config_yaml=self.cfg.to_yaml(), keep=self.cfg.deploy.keep_checkpoints,
             extra={"dropped_total": self.dropped_total,
                    "reward_model_path": None if self.cfg.reward.model_path is None else str(self.cfg.reward.model_path),
-                   "reward_model_index": self.reward_model_index}))
+                   "reward_model_index": self.reward_model_index,
+                   "record": record}), stoppable=False)
 
     # ------------------------------------------------------------------------ iterative RL
     @property
@@ -450,7 +513,7 @@ class Driver:
         new_path = refresh_reward_model(self.cfg, images, refs, iteration=iteration, run_name=self.cfg.deploy.run_name)
         self._rollover_reward(new_path)
         if t.refresh_tracker == "reset":
-            self._get([lr.reset_reward_tracker.remote() for lr in learners])
+            self._get([lr.reset_reward_tracker.remote() for lr in learners], stoppable=False)
         print(f"[iter-rl] iteration {iteration}: reward model v{before} -> v{self.reward_model_index} "
               f"({len(images)} policy images labelled; tracker {t.refresh_tracker})", flush=True)
         # This iteration's rewards came from the old model: its record keeps reward_model_index.

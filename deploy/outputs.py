@@ -37,12 +37,33 @@ class RunDir:
 
     def truncate_metrics_after(self, iteration: int) -> None:
         """On resume: drop records of iterations after the checkpoint (they will be redone)."""
-        if not self.metrics_path.exists():
-            return
-        kept = [r for r in read_metrics(self.metrics_path) if r.get("iteration", -1) <= iteration]
+        self.reconcile_metrics(iteration)
+
+    def reconcile_metrics(self, iteration: int, checkpoint_record: dict[str, Any] | None = None) -> list[int]:
+        """Make metrics.jsonl hold each iteration 0..``iteration`` at most once, in order, and
+        nothing later: the state of a run resumed from the checkpoint of ``iteration``.
+
+        Records after the checkpoint are dropped (those iterations are redone); of repeated
+        records of one iteration the last is kept; the checkpoint's own record
+        (``checkpoint_record``, saved inside the checkpoint) is restored when the driver died
+        between writing the checkpoint and appending the record. Returns the iterations kept.
+        ``iteration = -1``: no checkpoint, an empty file (a fresh start never appends)."""
+        records = read_metrics(self.metrics_path) if self.metrics_path.exists() else []
+        by_it: dict[int, dict[str, Any]] = {}
+        for r in records:
+            it = int(r.get("iteration", -1))
+            if 0 <= it <= iteration:
+                by_it[it] = r
+        if checkpoint_record is not None and iteration >= 0 and iteration not in by_it:
+            by_it[iteration] = checkpoint_record
+        kept = [by_it[k] for k in sorted(by_it)]
         tmp = self.metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        with open(tmp, "w") as f:
+            f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.metrics_path)
+        return sorted(by_it)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

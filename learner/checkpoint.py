@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -47,11 +48,14 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "newest_valid_checkpoint",
     "prune_checkpoints",
     "resolve_resume",
     "restore_rng_state",
     "save_checkpoint",
 ]
+
+log = logging.getLogger("restore_rl.checkpoint")
 
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "MANIFEST.json"
@@ -309,13 +313,37 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
     return removed
 
 
+def newest_valid_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint whose manifest and checksums verify, and the newer ones that did
+    not, each with the reason: ``(path or None, [(bad path, reason), ...])``. A truncated file or
+    a flipped bit costs the iterations since the previous checkpoint, not the run."""
+    bad: list[tuple[Path, str]] = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            _verify(path, checksums=True)
+        except CheckpointError as err:
+            bad.append((path, str(err)))
+            continue
+        return path, bad
+    return None, bad
+
+
 def resolve_resume(run_dir: str | Path, resume: str | Path | None) -> Path | None:
-    """``None``/"none" → start fresh; "latest" → :func:`latest_checkpoint` (None if there is
-    none); a path → that checkpoint (it must be complete)."""
+    """``None``/"none" → start fresh; "latest" → the newest checkpoint that verifies (checksums
+    included; None if the run has none; a CheckpointError naming every bad one if it has
+    checkpoints but none verifies, since starting fresh would silently discard the run); a
+    path → that checkpoint (it must verify)."""
     if resume is None or str(resume) == "none":
         return None
     if str(resume) == "latest":
-        return latest_checkpoint(run_dir)
+        path, bad = newest_valid_checkpoint(run_dir)
+        for b, why in bad:
+            log.warning("resume: skipping checkpoint %s: %s", b.name, why)
+        if path is None and bad:
+            raise CheckpointError(
+                "resume: no checkpoint of " + str(run_dir) + " verifies: " + "; ".join(why for _, why in bad)
+            )
+        return path
     path = Path(resume)
-    _verify(path, checksums=False)
+    _verify(path, checksums=True)
     return path

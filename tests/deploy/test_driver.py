@@ -58,3 +58,24 @@ def test_a_ray_started_before_the_run_stays_up(fake_ray, tmp_path):
     Driver(load_config(DEMO, [f"deploy.output_dir={tmp_path}"]))._connect_ray()  # as the demo and compare do
     assert _driver(tmp_path, fake_ray).run_loop() == 0
     assert [c[0] for c in fake_ray["calls"]] == ["init", "teardown"] and fake_ray["up"] is True
+
+
+def test_reconcile_metrics_keeps_each_iteration_once_up_to_the_checkpoint(tmp_path):
+    from deploy.outputs import RunDir, read_metrics
+
+    run = RunDir(tmp_path / "r")
+    # What the issue found after a stop and a resume that started afresh: [0, 1, 0, 1, 2, 3, 4];
+    # and a line cut by a crash at the end.
+    for i, it in enumerate([0, 1, 0, 1, 2, 3, 4]):
+        run.append_metrics({"iteration": it, "n": i})
+    with open(run.metrics_path, "a") as f:
+        f.write('{"iteration": 5, "n"')
+    assert run.reconcile_metrics(2) == [0, 1, 2]
+    assert [(r["iteration"], r["n"]) for r in read_metrics(run.metrics_path)] == [(0, 2), (1, 3), (2, 4)]
+    # The checkpoint of iteration 3 was written, its record never appended: restored from it.
+    assert run.reconcile_metrics(3, {"iteration": 3, "n": 99}) == [0, 1, 2, 3]
+    assert read_metrics(run.metrics_path)[-1] == {"iteration": 3, "n": 99}
+    # A record already there wins over the checkpoint's copy (it has the checkpoint's own time).
+    assert run.reconcile_metrics(3, {"iteration": 3, "n": -1}) == [0, 1, 2, 3]
+    assert read_metrics(run.metrics_path)[-1]["n"] == 99
+    assert run.reconcile_metrics(-1) == [] and read_metrics(run.metrics_path) == []  # no checkpoint: afresh

@@ -4,6 +4,7 @@ load with plain peft + diffusers (no code of this project)."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from learner.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    newest_valid_checkpoint,
     resolve_resume,
 )
 from learner.learner import Learner
@@ -94,6 +96,30 @@ def test_corrupted_file_is_detected(trained, tmp_path):
     target.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"optimizer.pt does not match its sha256"):
         load_checkpoint(path)
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(trained, tmp_path, caplog):
+    paths = [trained.save_checkpoint(tmp_path, it, keep=3) for it in (1, 2, 3)]
+    _flip_a_byte(Path(paths[2]) / "optimizer.pt")  # bit rot in the newest
+    (Path(paths[1]) / "optimizer.pt").write_bytes(b"")  # a truncated file in the one before
+    with caplog.at_level("WARNING", logger="restore_rl.checkpoint"):
+        assert resolve_resume(tmp_path, "latest") == Path(paths[0])
+    assert "ckpt-000003" in caplog.text and "sha256" in caplog.text
+    assert "ckpt-000002" in caplog.text and "bytes" in caplog.text
+    path, bad = newest_valid_checkpoint(tmp_path)
+    assert path == Path(paths[0]) and [b.name for b, _ in bad] == ["ckpt-000003", "ckpt-000002"]
+    # Checkpoints, but none that verifies: an error naming each (a fresh start would discard the run).
+    _flip_a_byte(Path(paths[0]) / "optimizer.pt")
+    with pytest.raises(CheckpointError, match=r"no checkpoint .* verifies: .*ckpt-000003.*ckpt-000002.*ckpt-000001"):
+        resolve_resume(tmp_path, "latest")
+    with pytest.raises(CheckpointError, match="sha256"):  # an explicit path is verified with checksums too
+        resolve_resume(tmp_path, paths[2])
 
 
 def test_lora_loads_with_plain_peft_onto_the_base_controlnet(trained, tiny_resolution, tmp_path):

@@ -1,0 +1,140 @@
+"""Exact stop/resume (issue 13): a stop requested at any stage boundary, or a driver that dies
+there, costs a retry, never an iteration lost or repeated.
+
+The stop is requested through the driver's stage hook (what the SIGTERM handler does, at an
+exact point instead of a racing signal; the real signal is tested in test_driver_e2e.py). After
+``--resume auto`` the run's metrics hold iterations 0..N−1 exactly once, with the rewards and
+losses of an uninterrupted run. The reconstruction reward keeps these runs free of a reward
+service (the reward path is tested elsewhere); everything else is the real Ray job.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.config import load_config
+
+pytestmark = pytest.mark.slow
+
+DEMO = Path(__file__).resolve().parents[2] / "deploy" / "configs" / "demo_cpu.yaml"
+N = 5
+SMALL = [
+    "data.resolution=32", "data.num_synthetic=4", "data.num_test=1", "rollout.num_inference_steps=2",
+    "rollout.batch_size=4", "rollout.num_workers=1", "algorithm.reward=reconstruction", "logging.progress=false",
+    f"deploy.iterations={N}",
+]
+#: What must match an uninterrupted run, per iteration.
+KEYS = ("reward/mean", "losses/total", "learner/version")
+
+
+class Crash(Exception):
+    """The driver dying at a stage boundary (no stop path runs)."""
+
+
+def _config(out: Path, name: str, every: int):
+    return load_config(DEMO, [*SMALL, f"deploy.output_dir={out}", f"deploy.run_name={name}",
+                              f"deploy.checkpoint_every={every}"])
+
+
+def _run(cfg, resume=None, hook=None) -> int:
+    from deploy.driver import Driver
+
+    d = Driver(cfg, resume=resume)
+    d.stage_hook = hook and hook(d)
+    return d.run_loop()
+
+
+def _values(run: Path) -> list[tuple]:
+    from deploy.outputs import read_metrics
+
+    return [(r["iteration"], *(float(r[k]) for k in KEYS)) for r in read_metrics(run / "metrics.jsonl")]
+
+
+def _same(got: list[tuple], want: list[tuple]) -> bool:
+    """Same iterations in the same order, each value equal to float rounding (1e-6 relative)."""
+    return [g[0] for g in got] == [w[0] for w in want] and all(
+        g[1:] == pytest.approx(w[1:], rel=1e-6, abs=1e-9) for g, w in zip(got, want))
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    assert _run(_config(out, "ref", 1)) == 0
+    values = _values(out / "ref")
+    assert [v[0] for v in values] == list(range(N))
+    return values
+
+
+def _stop_at(stage: str, iteration: int):
+    def make(driver):
+        def hook(s, it):
+            if (s, it) == (stage, iteration):
+                driver.request_stop()
+        return hook
+    return make
+
+
+def _crash_at(stage: str, iteration: int):
+    def make(driver):  # noqa: ARG001
+        def hook(s, it):
+            if (s, it) == (stage, iteration):
+                raise Crash(f"{s}@{it}")
+        return hook
+    return make
+
+
+#: One chain of stops per checkpoint cadence: each run is stopped at (stage, iteration), then the
+#: next resumes it, until a last resume completes the run. Together they hit every stage boundary
+#: (a stop during the rollout abandons that iteration; once the update is sent it is finished),
+#: both before and on checkpoint iterations. The iterations done after each stop are given.
+CHAINS = {
+    1: [(("start", 1), [0]), (("rollout", 1), [0]), (("update", 1), [0, 1]), (("weight_sync", 2), [0, 1, 2]),
+        (("checkpoint", 3), [0, 1, 2, 3])],
+    3: [(("start", 1), [0]), (("rollout", 1), [0]), (("update", 1), [0, 1]), (("checkpoint", 2), [0, 1, 2]),
+        (("record", 3), [0, 1, 2, 3])],
+}
+
+
+@pytest.mark.parametrize("every", sorted(CHAINS), ids=[f"checkpoint_every={e}" for e in sorted(CHAINS)])
+def test_stops_at_every_stage_then_resume_equal_an_uninterrupted_run(reference, tmp_path, every):
+    from learner.checkpoint import latest_checkpoint
+
+    cfg = _config(tmp_path, "r", every)
+    for n, ((stage, at), want) in enumerate(CHAINS[every]):
+        assert _run(cfg, resume="auto" if n else None, hook=_stop_at(stage, at)) == 0
+        done = _values(tmp_path / "r")
+        assert [v[0] for v in done] == want, (stage, at, done)
+        assert _same(done, reference[: len(want)]), (stage, at)
+        # The stop saved the last completed iteration (on a cadence of 3 too).
+        assert latest_checkpoint(tmp_path / "r").name == f"ckpt-{want[-1]:06d}", (stage, at)
+    assert _run(cfg, resume="auto") == 0
+    assert _same(_values(tmp_path / "r"), reference), (_values(tmp_path / "r"), reference)
+
+
+@pytest.mark.parametrize("stage,every,at", [("checkpoint", 1, 1), ("record", 3, 1), ("update", 1, 1)],
+                         ids=["after-checkpoint-before-record", "no-checkpoint-yet", "mid-iteration"])
+def test_a_driver_dying_at_a_boundary_then_resume_equals_an_uninterrupted_run(reference, tmp_path, stage, every, at):
+    """Died right after writing a checkpoint (its record not yet appended: resume restores it
+    from the checkpoint); after records but before any checkpoint (resume starts afresh and never
+    appends: the issue's [0, 1, 0, 1, 2, ...]); after an update that no checkpoint holds."""
+    cfg = _config(tmp_path, "r", every)
+    with pytest.raises(Crash):
+        _run(cfg, hook=_crash_at(stage, at))
+    assert _run(cfg, resume="auto") == 0
+    assert _same(_values(tmp_path / "r"), reference), (_values(tmp_path / "r"), reference)
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path):
+    from learner.checkpoint import list_checkpoints
+
+    cfg = _config(tmp_path, "r", 1)
+    assert _run(cfg) == 0
+    ckpts = list_checkpoints(tmp_path / "r")
+    assert [c.name for c in ckpts] == [f"ckpt-{i:06d}" for i in range(N - 3, N)]  # keep_checkpoints = 3
+    opt = ckpts[-1] / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:-100])  # truncated
+    # Resume: the last iteration is redone from the one before, its record replaced, not repeated.
+    assert _run(cfg, resume="auto") == 0
+    assert _same(_values(tmp_path / "r"), reference), (_values(tmp_path / "r"), reference)
