@@ -195,6 +195,11 @@ class RolloutConfig(_Section):
         unit="trajectories", ge=1,
     )
     seed: int = F(0, description="Base seed of the sampling noise.")
+    max_restarts: int = F(
+        3, description="Restarts of a dead rollout worker (Ray restarts it; the driver pushes the current weights "
+        "and re-sends its chunk: the same trajectories). Also the re-sends allowed per iteration.",
+        unit="restarts", ge=0,
+    )
 
 
 # -------------------------------------------------------------------------------------- reward

@@ -48,6 +48,17 @@ log = logging.getLogger("restore_rl.driver")
 PREVIEW_ROUND = 1_000_003
 
 
+@dataclass
+class RolloutLaunch:
+    """One iteration's rollout in flight: a ref and an input chunk per worker, and the weights
+    version the workers held when it was sent."""
+
+    refs: list[Any]
+    chunks: list[list[int]]
+    iteration: int
+    version: int
+
+
 class StopRequested(Exception):
     """SIGTERM/SIGINT arrived: leave the loop at the next safe point."""
 
@@ -103,6 +114,10 @@ class Driver:
         self._serve_started = False
         self._owns_ray = False  # this driver started the local Ray: run_loop shuts it down
         self._stop_deadline = float("inf")
+        self._worker_version = 0  # the weights version the rollout workers hold (pushed by the driver)
+        #: Recoveries by role (a re-sent rollout chunk, ...), also the Prometheus counter recovered_total.
+        self.recovered: dict[str, int] = {}
+        self.workers: list[Any] = []
         #: Test hook: called as ``stage_hook(stage, iteration)`` at each stage boundary (``_at``).
         self.stage_hook: Any = None
         self._metrics: dict[str, Any] = {}
@@ -287,6 +302,7 @@ class Driver:
                                                cfg.rollout.num_gpus_per_worker, cfg.rollout.custom_resources)
             workers = create_rollout_workers(cfg.rollout, cfg.algorithm, cfg.model, cfg.data, sink_factory, rollout_pg)
             self._actors += workers
+            self.workers = workers  # for stage hooks (fault-injection tests)
             sync = WeightSync.from_config(learners[0], workers, cfg.deploy.weight_sync)
         num_inputs = self._get(learners[0].num_inputs.remote())
 
@@ -312,6 +328,7 @@ class Driver:
             sync.setup()
             if ckpt is not None:
                 sync.sync()
+                self._worker_version = int(info["policy_version"])
 
         G = cfg.rollout.samples_per_input
         n_inputs = cfg.rollout.batch_size // G
@@ -346,8 +363,9 @@ class Driver:
                             # Async: workers start the next batch with the weights they hold now.
                             nxt = input_ids_for_iteration(it + 1, n_inputs, num_inputs, cfg.rollout.seed)
                             pending = self._launch_rollout(workers, nxt, it + 1)
+                        self._at("launched", it)
                         # reward is overlapped: workers gathered scores before returning
-                        trajs = self._get(refs)
+                        trajs = self._gather_rollout(refs, workers, sync)
                     self._at("rollout", it)
                     if self._stop:  # the last point where this iteration can be abandoned
                         raise StopRequested()
@@ -378,6 +396,7 @@ class Driver:
                     self._at("update", it)
                     with timer.stage("weight_sync"):
                         sync_info = sync.sync()
+                        self._worker_version = int(sync_info["weight_sync/version"])
                     self._at("weight_sync", it)
                     record.update(sync_info)
                     record.update(
@@ -393,6 +412,8 @@ class Driver:
                     cfg = self.cfg
                     self._at("reward_refresh", it)
                 record["dropped_total"] = self.dropped_total
+                if self.recovered:
+                    record.update({f"recovered_total/{k}": v for k, v in self.recovered.items()})
                 if (it + 1) % cfg.deploy.checkpoint_every == 0 or it == cfg.deploy.iterations - 1:
                     with timer.stage("checkpoint"):
                         # The record travels inside the checkpoint: resume restores it if the
@@ -440,11 +461,74 @@ class Driver:
                 serve.delete("reward")
             self._serve_started = False
 
-    def _launch_rollout(self, workers: list[Any], ids: list[int], it: int) -> list[Any]:
+    def _launch_rollout(self, workers: list[Any], ids: list[int], it: int) -> RolloutLaunch:
         # Each worker gets a contiguous chunk of the inputs; chunks are sampled in parallel. A
         # worker runs its calls in order, so in async mode the next batch queues behind this one.
         chunks = split_evenly(ids, len(workers))
-        return [w.sample.remote(chunk, it) for w, chunk in zip(workers, chunks)]
+        refs = [w.sample.remote(chunk, it) for w, chunk in zip(workers, chunks)]
+        return RolloutLaunch(refs, chunks, it, self._worker_version)
+
+    def _gather_rollout(self, launch: RolloutLaunch, workers: list[Any], sync: Any) -> list[Trajectory]:
+        """The launch's trajectories; a chunk whose worker died (Ray restarts it: ``max_restarts``)
+        or came back holding other weights than it was launched with (restarted before it ran)
+        is re-sent after the current weights are pushed to every worker. Its trajectories are the
+        ones the dead worker would have returned: the seeds depend on the inputs and the round,
+        never on the worker. At most ``rollout.max_restarts`` re-sends per launch."""
+        import ray
+
+        refs, out = list(launch.refs), [None] * len(launch.refs)
+        expected = [launch.version] * len(refs)  # a re-sent chunk: the version pushed before it
+        for attempt in range(self.cfg.rollout.max_restarts + 1):
+            failed: list[tuple[int, str]] = []
+            for i, ref in enumerate(refs):
+                if out[i] is not None:
+                    continue
+                try:
+                    t = self._get(ref)
+                except ray.exceptions.RayActorError as err:
+                    failed.append((i, f"died ({type(err).__name__})"))
+                    continue
+                if t.policy_version != expected[i]:
+                    failed.append((i, f"sampled with weights v{t.policy_version}, launched at v{expected[i]}"))
+                    continue
+                out[i] = t
+            if not failed:
+                return out  # type: ignore[return-value]
+            if attempt == self.cfg.rollout.max_restarts:
+                break
+            for i, why in failed:
+                log.warning("rollout worker %d %s: re-sending its %d input(s) of iteration %d (retry %d of %d)",
+                            i, why, len(launch.chunks[i]), launch.iteration, attempt + 1, self.cfg.rollout.max_restarts)
+                self.recovered["rollout"] = self.recovered.get("rollout", 0) + 1
+                self._count_recovered("rollout")
+            self._wait_alive([workers[i] for i, _ in failed])
+            version = self._worker_version
+            if sync is not None:
+                # The restarted worker holds its initial weights; the others get theirs again.
+                version = int(sync.resend()["weight_sync/version"])
+                self._worker_version = version
+            for i, _ in failed:
+                refs[i], expected[i] = workers[i].sample.remote(launch.chunks[i], launch.iteration), version
+        raise RuntimeError(
+            f"iteration {launch.iteration}: rollout worker(s) {[i for i, _ in failed]} failed "
+            f"{self.cfg.rollout.max_restarts + 1} times ({'; '.join(w for _, w in failed)}); "
+            "rollout.max_restarts bounds the retries"
+        )
+
+    def _wait_alive(self, workers: list[Any], timeout_s: float = 300.0) -> None:
+        """Until each (restarting) worker answers a call: its constructor has run again."""
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        for w in workers:
+            while True:
+                try:
+                    self._get(w.policy_version.remote(), timeout_s=max(1.0, deadline - time.monotonic()))
+                    break
+                except ray.exceptions.RayActorError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
 
     @staticmethod
     def _finished(record: dict[str, Any], timer: StageTimer) -> dict[str, Any]:
@@ -552,10 +636,20 @@ class Driver:
         try:
             from common.telemetry import ray_metric
 
-            if not self._metrics:
-                self._metrics = {"staleness": ray_metric("staleness")}
+            if "staleness" not in self._metrics:
+                self._metrics["staleness"] = ray_metric("staleness")
             if "staleness" in record:
                 self._metrics["staleness"].set(record["staleness"])
+        except Exception as err:  # metrics must never break training
+            log.debug("metrics: %s", err)
+
+    def _count_recovered(self, role: str) -> None:
+        try:
+            from common.telemetry import ray_metric
+
+            if "recovered" not in self._metrics:
+                self._metrics["recovered"] = ray_metric("recovered_total")
+            self._metrics["recovered"].inc(1, tags={"role": role})
         except Exception as err:  # metrics must never break training
             log.debug("metrics: %s", err)
 

@@ -648,11 +648,19 @@ class WeightSync:
         self._metrics["weight_sync_seconds"].observe(seconds, tags={"method": method})
         self._metrics["weight_sync_bytes_total"].inc(nbytes, tags={"method": method})
 
-    def sync(self) -> dict[str, float]:
+    def resend(self) -> dict[str, float]:
+        """After a worker restarted (it holds its initial weights): form the group anew if there
+        is one, and push the learner's current version to every worker, even those that hold it."""
+        self.reset()
+        self.synced_version = None
+        return self.sync(allow_same=True)
+
+    def sync(self, *, allow_same: bool = False) -> dict[str, float]:
         """Push the learner's current weights to every worker and check every worker's version.
 
         Returns ``weight_sync/{seconds,bytes,version,skipped}`` (``bytes`` = payload × workers).
-        A version the workers already hold is not re-sent (``skipped`` = 1).
+        A version the workers already hold is not re-sent (``skipped`` = 1); ``allow_same``:
+        workers accept a version they hold (see :meth:`resend`).
         """
         import ray
 
@@ -671,11 +679,12 @@ class WeightSync:
             # surfaces in every worker's ray.get of it, naming the learner's error.
             payload_ref = self.learner.export_weights.remote(self.bucket_bytes)
             for i, w in enumerate(self.workers):
-                refs[f"rollout worker {i}"] = w.receive_weights.remote(version, [payload_ref], self.timeout_s)
+                refs[f"rollout worker {i}"] = w.receive_weights.remote(version, [payload_ref], self.timeout_s,
+                                                                       allow_same)
         else:
             refs["learner"] = self.learner.broadcast_weights.remote(version)
             for i, w in enumerate(self.workers):
-                refs[f"rollout worker {i}"] = w.receive_weights.remote(version, None, self.timeout_s)
+                refs[f"rollout worker {i}"] = w.receive_weights.remote(version, None, self.timeout_s, allow_same)
         try:
             results = self._gather(refs, f"weight sync of version {version} ({method})")
         except WeightSyncError:

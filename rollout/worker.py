@@ -7,6 +7,7 @@ The class is plain Python (testable in-process); :func:`create_rollout_workers` 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -84,9 +85,11 @@ class RolloutWorker:
         return m
 
     # -- weights -----------------------------------------------------------------------------
-    def set_weights(self, version: int, state: dict[str, torch.Tensor]) -> int:
-        """Load trainable weights of ``version`` (must be newer than what this worker holds)."""
-        if version <= self.version:
+    def set_weights(self, version: int, state: dict[str, torch.Tensor], allow_same: bool = False) -> int:
+        """Load trainable weights of ``version`` (must be newer than what this worker holds;
+        ``allow_same``: or equal — the driver re-sending the current weights to every worker after
+        one of them restarted)."""
+        if version < self.version or (version == self.version and not allow_same):
             raise StaleWeightsError(
                 f"rollout worker {self.worker_index}: got weights version {version}, holds {self.version}; "
                 "versions must increase"
@@ -118,14 +121,19 @@ class RolloutWorker:
         )
         return rank
 
-    def receive_weights(self, version: int, payload: Sequence[Any] | None = None, timeout_s: float = 60.0) -> int:
+    def receive_weights(self, version: int, payload: Sequence[Any] | None = None, timeout_s: float = 60.0,
+                        allow_same: bool = False) -> int:
         """Receive weights of ``version`` (collective broadcast, or ``[ObjectRef]`` of the object
         store) and load them; returns the version now held."""
         from learner.weight_sync import receive_weights
 
         state = receive_weights(getattr(self, "_weight_sync", None), version, payload, timeout_s=timeout_s,
                                 device=self.policy.device)
-        return self.set_weights(version, state)
+        return self.set_weights(version, state, allow_same=allow_same)
+
+    def pid(self) -> int:
+        """This actor's process id (fault-injection tests kill it by PID)."""
+        return os.getpid()
 
     def close_weight_sync(self) -> None:
         sync = getattr(self, "_weight_sync", None)
@@ -193,7 +201,11 @@ def create_rollout_workers(
     settings = sampler_settings(rollout, algorithm)
     actors = []
     for i in range(rollout.num_workers):
-        opts: dict[str, Any] = {"num_cpus": rollout.num_cpus_per_worker, "num_gpus": rollout.num_gpus_per_worker}
+        # A dead worker is restarted by Ray (its constructor runs again: initial weights, version
+        # 0); its task is not retried by Ray: the driver re-sends the chunk after pushing the
+        # current weights (deploy/driver.py, _gather_rollout), so the trajectories are the same.
+        opts: dict[str, Any] = {"num_cpus": rollout.num_cpus_per_worker, "num_gpus": rollout.num_gpus_per_worker,
+                                "max_restarts": rollout.max_restarts, "max_task_retries": 0}
         if placement_group is not None:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=placement_group, placement_group_bundle_index=i)

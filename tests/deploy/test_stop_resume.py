@@ -138,3 +138,31 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(reference, t
     # Resume: the last iteration is redone from the one before, its record replaced, not repeated.
     assert _run(cfg, resume="auto") == 0
     assert _same(_values(tmp_path / "r"), reference), (_values(tmp_path / "r"), reference)
+
+
+def test_a_rollout_worker_killed_mid_rollout_costs_a_retry_not_the_run(reference, tmp_path):
+    """SIGKILL (by PID) of a rollout worker while it samples iteration 1: Ray restarts it, the
+    driver pushes it the current weights and re-sends its chunk; the run completes every
+    iteration once, with the rewards and losses of an uninterrupted run."""
+    import os
+    import signal
+
+    import ray
+
+    from deploy.outputs import read_metrics
+
+    pids = {}
+
+    def make(driver):
+        def hook(stage, it):
+            if (stage, it) == ("start", 1):
+                pids["victim"] = ray.get(driver.workers[0].pid.remote(), timeout=60)
+            if (stage, it) == ("launched", 1):
+                os.kill(pids["victim"], signal.SIGKILL)
+        return hook
+
+    cfg = _config(tmp_path, "r", 1)
+    assert _run(cfg, hook=make) == 0
+    assert _same(_values(tmp_path / "r"), reference), (_values(tmp_path / "r"), reference)
+    recs = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    assert [r.get("recovered_total/rollout", 0) for r in recs] == [0] + [1] * (N - 1)
