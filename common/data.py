@@ -85,15 +85,48 @@ class BadFileWarning(UserWarning):
 
 
 # ---------------------------------------------------------------------------------- image I/O
+def _grey_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """One-channel float or wide-integer pixels [H, W] → uint8 [H, W, 3], scaled by what the
+    values say, never clipped: PIL's own ``convert("RGB")`` clips mode ``F`` and ``I`` to 0..255,
+    which turns a float image in [0, 1] all black and 16-bit data in an int32 file all white.
+
+    * float (mode ``F``): values in [0, 1] are scaled by 255; values in [0, 255] are kept;
+    * integer (``I;16*``, ``I``): values up to 255 are kept, up to 65535 scaled by 255/65535;
+    * anything else (negative, NaN, HDR floats above 255, int32 above 65535) is refused, with
+      the range found: a silent guess would hand the model a wrong image."""
+    a = arr.astype(np.float64)
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"mode {mode!r} image has non-finite pixels")
+    lo, hi = float(a.min()), float(a.max())
+    if lo < 0:
+        raise ValueError(f"mode {mode!r} image has negative pixels (range {lo:g}..{hi:g}); convert it to 8-bit")
+    if mode == "F":
+        if hi <= 1.0:
+            scale = 255.0
+        elif hi <= 255.0:
+            scale = 1.0
+        else:
+            raise ValueError(f"mode 'F' (float) image has pixels up to {hi:g} (HDR?); expected [0, 1] or [0, 255]")
+    elif mode.startswith("I;16") or hi > 255:
+        if hi > 65535:
+            raise ValueError(f"mode {mode!r} image has pixels up to {hi:g}; expected at most 16-bit values")
+        scale = 255.0 / 65535.0
+    else:
+        scale = 1.0
+    out = np.clip(a * scale + 0.5, 0, 255).astype(np.uint8)
+    return np.repeat(out[..., None], 3, axis=2)
+
+
 def _read_rgb(path: Path) -> np.ndarray:
-    """Decode an image file to uint8 [H, W, 3] RGB (EXIF orientation applied; alpha dropped)."""
+    """Decode an image file to uint8 [H, W, 3] RGB (EXIF orientation applied; alpha dropped).
+
+    8-bit files go through PIL's conversion; one-channel float and 16/32-bit integer files
+    (TIFFs from raw pipelines) are rescaled by :func:`_grey_to_uint8` or refused with a reason."""
     with Image.open(path) as im:
         im.load()  # decodes fully: a truncated file raises here
         im = ImageOps.exif_transpose(im)
-        if im.mode.startswith("I;16"):
-            # 16-bit grey (some raw-derived benchmarks): rescale, do not clip.
-            arr = np.asarray(im, dtype=np.float32) / 65535.0
-            return np.repeat((arr * 255.0 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
+        if im.mode == "F" or im.mode == "I" or im.mode.startswith("I;16"):
+            return _grey_to_uint8(np.asarray(im), im.mode)
         return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
@@ -189,6 +222,7 @@ class PairedFolderDataset:
         self.epoch = 0
         self.skipped: Counter[str] = Counter()
         self.skipped_files: list[tuple[Path, str]] = []
+        self._errors: list[str] = []
 
         lq_name, gt_name = LAYOUTS[layout]
         lq_dir, gt_dir = self.root / lq_name, self.root / gt_name
@@ -228,6 +262,11 @@ class PairedFolderDataset:
                 )
                 continue
             self._pairs.append((stem, lq, gt))
+        if self._errors:  # on_bad_file="error": every bad file at once, not only the first
+            raise DatasetError(
+                f"{self.root}: {len(self._errors)} bad file(s) (data.on_bad_file=error):\n  "
+                + "\n  ".join(self._errors)
+            )
         if not self._pairs:
             raise DatasetError(
                 f"{self.root}: no valid LQ/GT pairs (skipped: {dict(self.skipped) or 'none found'})"
@@ -235,9 +274,19 @@ class PairedFolderDataset:
         self._failed_at_load: set[int] = set()
 
     # -- construction helpers --------------------------------------------------------------
+    def summary(self) -> str:
+        """One line for the console: pairs kept, files skipped by reason, the first few named."""
+        if not self.skipped_files:
+            return f"{self.root}: {len(self)} pairs"
+        named = ", ".join(f"{p.name} ({r})" for p, r in self.skipped_files[:5])
+        more = f", and {len(self.skipped_files) - 5} more" if len(self.skipped_files) > 5 else ""
+        return (f"{self.root}: {len(self)} pairs; skipped {len(self.skipped_files)} file(s) "
+                f"{dict(self.skipped)}: {named}{more}")
+
     def _bad(self, path: Path, reason: str, detail: str) -> None:
         if self.on_bad_file == "error":
-            raise DatasetError(f"{path}: {reason} ({detail})")
+            self._errors.append(f"{path}: {reason} ({detail})")
+            return
         self.skipped[reason] += 1
         self.skipped_files.append((path, reason))
         warnings.warn(

@@ -53,6 +53,8 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec("weight_sync_seconds", "histogram", "Wall time of one weight sync.", ("method",), _SECONDS),
         MetricSpec("weight_sync_bytes_total", "counter", "Bytes of trainable weights synced.", ("method",)),
         MetricSpec("dropped_trajectories_total", "counter", "Trajectories dropped, by reason.", ("reason",)),
+        MetricSpec("data_skipped_files", "gauge", "Training files skipped as bad (data.on_bad_file=skip), by reason.",
+                   ("reason",)),
         MetricSpec("recovered_total", "counter",
                    "Recoveries from a fault, by role (rollout: a dead worker's chunk re-sent).", ("role",)),
         MetricSpec("reward_model_version", "gauge",

@@ -281,6 +281,10 @@ class Driver:
                 f"{self.run.root} already holds a run: pass --resume auto to continue it, "
                 "or choose another deploy.run_name"
             )
+        # The data path too: a missing folder or bad files are named on the console now, not in
+        # a worker's log after Ray and Serve are up (the driver keeps the dataset: iterative RL
+        # labels against its ground truth).
+        self._dataset = self._check_data(cfg)
         if cfg.algorithm.uses_rl and cfg.algorithm.reward == "iqa" and cfg.reward.model_kind == "trained":
             from deploy.reward_model import with_trained_reward
 
@@ -289,6 +293,7 @@ class Driver:
         self.run.write_config(cfg.to_yaml())
         self._connect_ray()
         self._install_signal_handlers()  # after ray.init, which installs its own SIGTERM handler
+        self._report_data()
 
         uses_rollout = cfg.algorithm.uses_rollout
         learner_pg = self._placement_group("learner", cfg.learner.num_learners, cfg.learner.num_cpus_per_learner,
@@ -412,6 +417,8 @@ class Driver:
                     cfg = self.cfg
                     self._at("reward_refresh", it)
                 record["dropped_total"] = self.dropped_total
+                if getattr(self._dataset, "skipped_files", None):
+                    record["data/skipped_files"] = len(self._dataset.skipped_files)
                 if self.recovered:
                     record.update({f"recovered_total/{k}": v for k, v in self.recovered.items()})
                 if (it + 1) % cfg.deploy.checkpoint_every == 0 or it == cfg.deploy.iterations - 1:
@@ -640,6 +647,32 @@ class Driver:
                 self._metrics["staleness"] = ray_metric("staleness")
             if "staleness" in record:
                 self._metrics["staleness"].set(record["staleness"])
+        except Exception as err:  # metrics must never break training
+            log.debug("metrics: %s", err)
+
+    @staticmethod
+    def _check_data(cfg: ExperimentConfig) -> Any:
+        from common.data import build_dataset
+
+        ds = build_dataset(cfg.data)
+        skipped = getattr(ds, "skipped_files", [])
+        if hasattr(ds, "summary"):
+            print(f"[data] {ds.summary()}", flush=True)
+        if skipped:
+            log.warning("data: %d file(s) skipped (data.on_bad_file=skip): %s", len(skipped),
+                        ", ".join(f"{p} ({r})" for p, r in skipped))
+        return ds
+
+    def _report_data(self) -> None:
+        skipped = getattr(self._dataset, "skipped", None)
+        if not skipped:
+            return
+        try:
+            from common.telemetry import ray_metric
+
+            g = ray_metric("data_skipped_files")
+            for reason, n in skipped.items():
+                g.set(n, tags={"reason": reason})
         except Exception as err:  # metrics must never break training
             log.debug("metrics: %s", err)
 

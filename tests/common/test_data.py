@@ -247,3 +247,55 @@ def test_rain_adds_bright_vertical_streaks():
     assert vertical > 3 * max(horizontal, 1)
     # Drawn parameters are seeded: same rng seed, same rain.
     assert np.array_equal(rain(x, np.random.default_rng(3)), rain(x, np.random.default_rng(3)))
+
+
+def test_error_mode_names_every_bad_file_at_once(lol_root):
+    with pytest.raises(DatasetError) as err:
+        PairedFolderDataset(lol_root, "lol", resolution=32, on_bad_file="error")
+    msg = str(err.value)
+    assert "3 bad file(s)" in msg
+    for bad in ("low/trunc.png: unreadable", "high/text.png: unreadable", "low/lonely.png: unpaired"):
+        assert bad in msg
+
+
+def test_skip_mode_summary_names_the_skipped_files(lol_root):
+    with pytest.warns(BadFileWarning):
+        ds = PairedFolderDataset(lol_root, "lol", resolution=32, on_bad_file="skip")
+    line = ds.summary()
+    assert "3 pairs; skipped 3 file(s)" in line and "trunc.png (unreadable)" in line and "lonely.png (unpaired)" in line
+
+
+@pytest.mark.parametrize(
+    "values, mode, expect",
+    [
+        (np.array([[0.0, 0.5, 1.0]], np.float32), "F", [0, 128, 255]),  # float in [0, 1]: not all black
+        (np.array([[0.0, 100.0, 255.0]], np.float32), "F", [0, 100, 255]),  # float in [0, 255]: kept
+        (np.array([[0, 32768, 65535]], np.int32), "I", [0, 128, 255]),  # 16-bit data in an int32 file: not white
+        (np.array([[0, 7, 255]], np.int32), "I", [0, 7, 255]),  # 8-bit data in an int32 file: kept
+    ],
+)
+def test_float_and_wide_integer_tiffs_are_scaled_not_clipped(tmp_path, values, mode, expect):
+    from common.data import _read_rgb
+
+    path = tmp_path / "x.tif"
+    Image.fromarray(values, mode=mode).save(path)
+    rgb = _read_rgb(path)
+    assert rgb.dtype == np.uint8 and rgb.shape == (1, 3, 3)
+    assert rgb[0, :, 0].tolist() == expect and np.array_equal(rgb[..., 0], rgb[..., 2])
+
+
+@pytest.mark.parametrize(
+    "values, mode, fragment",
+    [
+        (np.array([[0.0, 3000.0]], np.float32), "F", "HDR"),
+        (np.array([[-1.0, 0.5]], np.float32), "F", "negative"),
+        (np.array([[0, 100000]], np.int32), "I", "16-bit"),
+    ],
+)
+def test_pixels_that_cannot_be_scaled_are_refused_with_the_range(tmp_path, values, mode, fragment):
+    from common.data import _read_rgb
+
+    path = tmp_path / "x.tif"
+    Image.fromarray(values, mode=mode).save(path)
+    with pytest.raises(ValueError, match=fragment):
+        _read_rgb(path)
