@@ -23,9 +23,10 @@ Arms (the reward of each is a list of config overrides: ``EASY_REWARD``, ``iqa_r
   evaluation noise only: a signal-free update moves the reward by many SE too (measured: −7 SE
   after 8 iterations), so ``rl_gain_easy_over_null`` = gain / |null gain| is the figure that says
   the gain is learned. ``--no-null`` skips it.
-* ``rl_iqa``, ``adaptive_iqa`` — the same on the trained IQA model (``--iqa-model DIR``: a local
-  VLM folder scored with the transformers backend; ``--iqa-set`` adds overrides). Reported as
-  null without it.
+* ``rl_iqa``, ``adaptive_iqa``, ``rl_null_iqa`` — the same on the trained IQA model
+  (``--iqa-model DIR``: a local VLM folder scored with the transformers backend; ``--iqa-set``
+  adds overrides), with its own null control (``rl_gain_iqa_over_null``). Reported as null
+  without it.
 
 The training settings every arm shares are ``TRAIN_OVERRIDES`` (see the comments there for the
 measurement behind each). Wall time: about 4.5 min per arm (8 iterations × 16 trajectories, then
@@ -244,6 +245,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.iqa_model is not None:
         iqa = iqa_reward(args.iqa_model, args.iqa_set)
         arms += [Arm("rl_iqa", "rl_only", iqa), Arm("adaptive_iqa", "adaptive", iqa)]
+        if not args.no_null:
+            arms.append(Arm("rl_null_iqa", "rl_only", iqa, null=True))
     if args.arms:
         wanted = args.arms.split(",")
         unknown = sorted(set(wanted) - {a.name for a in arms})
@@ -275,6 +278,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r = by_name.get(name)
         return None if r is None else round(r[key], 6)
 
+    def over_null(arm: str, null: str):
+        if arm not in by_name or null not in by_name:
+            return None
+        return round(by_name[arm]["gain"] / max(abs(by_name[null]["gain"]), 1e-12), 3)
+
     figures = {
         "rl_gain_easy": fig("rl_easy", "gain"), "rl_gain_easy_over_se": fig("rl_easy", "gain_over_se"),
         "rl_gain_iqa": fig("rl_iqa", "gain"), "rl_gain_iqa_over_se": fig("rl_iqa", "gain_over_se"),
@@ -287,8 +295,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # must clear it as well as 3 SE (the SE is evaluation noise only).
         "rl_null_gain_easy": fig("rl_null_easy", "gain"),
         "rl_null_gain_easy_over_se": fig("rl_null_easy", "gain_over_se"),
-        "rl_gain_easy_over_null": None if "rl_null_easy" not in by_name or "rl_easy" not in by_name else round(
-            by_name["rl_easy"]["gain"] / max(abs(by_name["rl_null_easy"]["gain"]), 1e-12), 3),
+        "rl_gain_easy_over_null": over_null("rl_easy", "rl_null_easy"),
+        "rl_null_gain_iqa": fig("rl_null_iqa", "gain"),
+        "rl_null_gain_iqa_over_se": fig("rl_null_iqa", "gain_over_se"),
+        "rl_gain_iqa_over_null": over_null("rl_iqa", "rl_null_iqa"),
         "target_over_se": 3.0,
         "iterations": args.iterations, "eval_seeds": args.eval_seeds,
         "train_overrides": [*TRAIN_OVERRIDES, *args.overrides], "easy_reward": list(EASY_REWARD),
