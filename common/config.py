@@ -253,6 +253,15 @@ class IQATrainConfig(_Section):
         256, description="Policy images (every reward step's image of the rollouts since the last refresh, evenly "
         "subsampled) labelled against their ground truth for each refresh.", unit="images", ge=1,
     )
+    refresh_replay: float = F(
+        3.0, description="Replay examples (a seeded random sample of the model's earlier training data) per fresh "
+        "policy image in a refresh: keeps the model's range while it learns the policy's outputs.", unit="ratio", ge=0,
+    )
+    refresh_max_srcc_drop: float = F(
+        0.05, description="A refresh whose held-out SRCC falls more than this below its parent's, or below min_srcc, "
+        "is rejected: the job keeps scoring with the parent (logged, `reward_refresh_rejected` in metrics.jsonl).",
+        ge=0,
+    )
     refresh_tracker: Literal["reset", "keep"] = F(
         "reset",
         description="Reward-tracker history when the reward model changes: `reset` (old and new scores are not "

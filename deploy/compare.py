@@ -155,9 +155,10 @@ def start_weights_digest(cfg: ExperimentConfig) -> str:
 
 def run_compare(cfg: ExperimentConfig, rows: list[str], name: str, iterations: int | None,
                 lpips_weights: str | None = None, fid_weights: str | None = None,
-                eval_samples: int = 1) -> dict[str, Any]:
+                eval_samples: int = 1, resume: bool = False) -> dict[str, Any]:
     from deploy.driver import Driver
-    from deploy.evaluate import build_eval_scorer, evaluate
+    from deploy.evaluate import build_eval_scorer, evaluate, read_results
+    from learner.checkpoint import latest_checkpoint
     from deploy.figures import iqa_distribution_figure, iqa_groups_from_results, reward_curve, reward_curves_figure
 
     out = Path(cfg.deploy.output_dir) / name
@@ -172,6 +173,16 @@ def run_compare(cfg: ExperimentConfig, rows: list[str], name: str, iterations: i
     for row, acfg in arms.items():
         t0 = time.perf_counter()
         run_root = Path(acfg.deploy.output_dir) / acfg.deploy.run_name
+        done = out / "eval" / slug(row) / "results.json"
+        if resume and done.is_file():
+            ckpt_done = latest_checkpoint(run_root)
+            prev = read_results(done)
+            trained_ok = TABLE6_ROWS.get(row) is None or (
+                ckpt_done is not None and ckpt_done.name == f"ckpt-{acfg.deploy.iterations - 1:06d}")
+            if trained_ok and len(prev.per_image) == eval_samples * len(prev.ground_truth):
+                print(f"[compare] {row}: reusing its finished run and evaluation ({done})", flush=True)
+                results[row], timings[row] = prev, 0.0
+                continue
         if TABLE6_ROWS.get(row) is None:  # "Base": evaluated untouched
             ckpt: str | Path = "base"
         else:
@@ -286,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--demo", action="store_true", help="start from the demo's cached SFT pre-training")
     ap.add_argument("--lpips-weights", default=None)
     ap.add_argument("--fid-weights", default=None)
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the arms whose run finished and whose evaluation is on disk (e.g. after a crash)")
     ap.add_argument("--eval-samples", type=int, default=4,
                     help="restorations per test image (evaluation seeds) for the ± and the paired differences")
     args = ap.parse_args(argv)
@@ -306,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         Driver(cfg)._connect_ray()
         cfg = demo_rl_config(cfg)  # the pre-trained tiny VAE and the cached SFT policy
     run_compare(cfg, rows, args.name, args.iterations, args.lpips_weights, args.fid_weights,
-                eval_samples=args.eval_samples)
+                eval_samples=args.eval_samples, resume=args.resume)
     return 0
 
 

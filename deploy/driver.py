@@ -590,7 +590,7 @@ class Driver:
         import torch
 
         from common.data import build_dataset
-        from deploy.reward_model import refresh_reward_model
+        from deploy.reward_model import RefreshRejected, refresh_reward_model
 
         t = self.cfg.reward.iqa_train
         ids = torch.cat([r[0] for r in recent]).numpy()
@@ -601,7 +601,14 @@ class Driver:
             self._dataset = build_dataset(self.cfg.data)
         refs = np.stack([self._dataset[int(i)].gt for i in ids])
         before = self.reward_model_index
-        new_path = refresh_reward_model(self.cfg, images, refs, iteration=iteration, run_name=self.cfg.deploy.run_name)
+        try:
+            new_path = refresh_reward_model(self.cfg, images, refs, iteration=iteration,
+                                            run_name=self.cfg.deploy.run_name)
+        except RefreshRejected as err:
+            log.warning("iterative RL: refresh rejected, scoring on with v%d: %s", before, err)
+            print(f"[iter-rl] iteration {iteration}: refresh rejected, keeping reward model v{before} ({err})",
+                  flush=True)
+            return {"reward_refresh_rejected": str(err)[:300]}
         self._rollover_reward(new_path)
         if t.refresh_tracker == "reset":
             self._get([lr.reset_reward_tracker.remote() for lr in learners], stoppable=False)

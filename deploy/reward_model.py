@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from reward_server.iqa_data import IQAExamples, LabelSource
 
 __all__ = [
+    "RefreshRejected",
     "BasePolicyRestorer",
     "refresh_reward_model",
     "ensure_trained_reward",
@@ -201,6 +202,10 @@ def ensure_trained_reward(cfg: ExperimentConfig, *, progress: bool = True) -> Pa
     return folder
 
 
+class RefreshRejected(RuntimeError):
+    """A refreshed reward model failed its held-out gate; the job keeps the parent model."""
+
+
 def refresh_reward_model(
     cfg: ExperimentConfig, images: np.ndarray, references: np.ndarray, *, iteration: int, run_name: str,
     progress: bool = True,
@@ -211,8 +216,14 @@ def refresh_reward_model(
     held-out set of the first training measures it (and ``min_srcc`` guards it). Returns the new
     folder (version = the parent's + 1), cached by parent, images and recipe.
 
+    Raises :class:`RefreshRejected` when the new model's held-out SRCC is below ``min_srcc`` or
+    more than ``refresh_max_srcc_drop`` below the parent's: a reward that got worse at ranking
+    images it never trained on is not handed to RL (measured 2026-12-01: a refresh with an equal
+    share of replay fell from 0.760 to 0.587).
+
     ``images``, ``references``: uint8 [N, H, W, 3].
     """
+    from reward_server.iqa_train import IQATrainingError
     from reward_server.iqa_data import IQAExamples
     from reward_server.iqa_train import HELD_OUT_FILE, REPLAY_FILE, ensure_iqa_model, load_examples, read_card
 
@@ -233,23 +244,36 @@ def refresh_reward_model(
     h = hashlib.sha256(images.tobytes())
     h.update(references.tobytes())
     data_key = {"parent": card.get("weights_sha256"), "images": h.hexdigest()[:16], "label_source": t.label_source,
-                "iteration": iteration, "run": run_name}
+                "iteration": iteration, "run": run_name, "replay": t.refresh_replay}
 
     def make_data():
-        parts = [fresh] + ([replay.select(np.arange(len(replay)) < len(fresh))] if replay is not None else [])
+        parts = [fresh]
+        if replay is not None and t.refresh_replay > 0:
+            n = min(len(replay), int(round(t.refresh_replay * len(fresh))))
+            pick = np.random.default_rng([t.seed, iteration]).choice(len(replay), size=n, replace=False)
+            parts.append(replay.select(np.isin(np.arange(len(replay)), pick)))
         return IQAExamples.concat(parts), held
 
     version = int(card.get("version", 0)) + 1
     t0 = time.perf_counter()
-    folder = ensure_iqa_model(Path(cfg.reward.cache_dir).expanduser().resolve() / "iqa", base_model=parent,
-                              preset=cfg.reward.preset, make_data=make_data, data_key=data_key,
-                              settings=train_settings(t, steps=t.refresh_steps), version=version, parent=str(parent),
-                              check_vllm=cfg.reward.backend == "vllm")
+    try:
+        folder = ensure_iqa_model(Path(cfg.reward.cache_dir).expanduser().resolve() / "iqa", base_model=parent,
+                                  preset=cfg.reward.preset, make_data=make_data, data_key=data_key,
+                                  settings=train_settings(t, steps=t.refresh_steps), version=version,
+                                  parent=str(parent), check_vllm=cfg.reward.backend == "vllm")
+    except IQATrainingError as err:
+        raise RefreshRejected(f"v{version}: {str(err)[:200]}") from None
+    new_srcc = (read_card(folder) or {}).get("headline", {}).get("srcc")
+    old_srcc = card.get("headline", {}).get("srcc")
     if progress:
-        new = read_card(folder) or {}
         print(f"[iqa] refreshed v{version - 1} -> v{version} on {len(images)} policy images "
               f"(mean label {quality.mean():.3f}) in {time.perf_counter() - t0:.0f} s: held-out SRCC "
-              f"{new.get('headline', {}).get('srcc')}", flush=True)
+              f"{old_srcc} -> {new_srcc}", flush=True)
+    if new_srcc is not None and old_srcc is not None and new_srcc < old_srcc - t.refresh_max_srcc_drop:
+        raise RefreshRejected(
+            f"v{version}: held-out SRCC {new_srcc:.4f} is more than refresh_max_srcc_drop "
+            f"{t.refresh_max_srcc_drop} below v{version - 1}'s {old_srcc:.4f}"
+        )
     return folder
 
 

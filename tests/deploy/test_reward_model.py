@@ -86,7 +86,8 @@ def test_iterative_rl_rolls_the_reward_over_and_resume_keeps_the_version(ray_loc
         "rollout.batch_size=4", "logging.progress=false", "reward.backend=transformers",
         "reward.iqa_train.steps=40", "reward.iqa_train.crops_per_photo=3", "reward.iqa_train.degraded_per_crop=1",
         "reward.iqa_train.restored_inputs=2", "reward.iqa_train.held_out_crops_per_photo=2",
-        "reward.iqa_train.min_srcc=-1", "reward.iqa_train.refresh_every=2", "reward.iqa_train.refresh_steps=10",
+        "reward.iqa_train.min_srcc=-1", "reward.iqa_train.refresh_max_srcc_drop=1", "reward.iqa_train.refresh_every=2",
+        "reward.iqa_train.refresh_steps=10",
         "reward.iqa_train.refresh_images=24",
     ]
     assert Driver(load_config(DEMO, [*overrides, "deploy.iterations=4"])).run_loop() == 0
@@ -98,8 +99,13 @@ def test_iterative_rl_rolls_the_reward_over_and_resume_keeps_the_version(ray_loc
     assert all(len(v) == 1 for v in versions)  # one model scored each batch
     assert versions[0] == versions[1] != versions[2] == versions[3]
     assert recs[1].get("reward_refreshed_to") == 1 and "seconds/reward_refresh" in recs[1]
-    assert Driver(load_config(DEMO, [*overrides, "deploy.iterations=6"]), resume="auto").run_loop() == 0
+    # Resumed, with a refresh after iteration 4 that its gate must reject (a drop of more than
+    # -1 in SRCC: any model): the job scores on with the version it had, and says so.
+    resumed = [*overrides, "deploy.iterations=6", "reward.iqa_train.refresh_every=1",
+               "reward.iqa_train.refresh_max_srcc_drop=-1"]
+    assert Driver(load_config(DEMO, resumed), resume="auto").run_loop() == 0
     recs = read_metrics(run / "metrics.jsonl")
     assert [r["iteration"] for r in recs] == [0, 1, 2, 3, 4, 5]
     assert [r["reward_model_index"] for r in recs[4:]] == [1, 1]
-    assert set(recs[4]["reward_model_versions"]) == versions[3]
+    assert set(recs[4]["reward_model_versions"]) == versions[3] == set(recs[5]["reward_model_versions"])
+    assert "refresh_max_srcc_drop" in recs[4]["reward_refresh_rejected"] and "reward_refreshed_to" not in recs[4]
