@@ -259,8 +259,8 @@ class IQATrainConfig(_Section):
     )
     refresh_max_srcc_drop: float = F(
         0.05, description="A refresh whose held-out SRCC falls more than this below its parent's, or below min_srcc, "
-        "is rejected: the job keeps scoring with the parent (logged, `reward_refresh_rejected` in metrics.jsonl).",
-        ge=0,
+        "is rejected: the job keeps scoring with the parent (logged, `reward_refresh_rejected` in metrics.jsonl). "
+        "Negative: a refresh must raise the SRCC by at least that much.",
     )
     refresh_tracker: Literal["reset", "keep"] = F(
         "reset",
