@@ -32,8 +32,8 @@ The training settings every arm shares are ``TRAIN_OVERRIDES`` (see the comments
 measurement behind each). Wall time: about 4.5 min per arm (8 iterations × 16 trajectories, then
 2 × 48 evaluation draws) on one free core; ``--jobs 2`` trains two arms at once (one torch thread
 each). Measured 2026-12-01: the three easy arms in 14.5 min with ``--jobs 2`` on 2 cores that a
-second training job shared; with ``--iqa-model`` (five arms) pass ``--no-null`` to stay within
-15 minutes on 2 cores.
+second training job shared; with ``--iqa-model`` six arms (not timed together: the two IQA RL
+arms with ``--jobs 2 --eval-seeds 6`` took 8.5 min); ``--no-null`` drops both null arms.
 
 Last line: one JSON object, also written to ``benchmarks/results/learning.json``.
 """
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="overrides for every arm (after TRAIN_OVERRIDES)")
     ap.add_argument("--arms", default=None, help="comma-separated subset of the arms to run")
     ap.add_argument("--jobs", type=int, default=2, help="arms trained at once (one process each)")
-    ap.add_argument("--no-null", action="store_true", help="skip the null control arm (advantages shuffled)")
+    ap.add_argument("--no-null", action="store_true", help="skip the null control arms (advantages shuffled)")
     ap.add_argument("--no-emit", action="store_true", help="do not write benchmarks/results/learning.json")
     args = ap.parse_args(argv)
 

@@ -72,9 +72,8 @@ def paired_difference(arm: dict[tuple[int, int], float], ref: dict[tuple[int, in
     keys = sorted(set(arm) & set(ref))
     if not keys:
         raise ValueError("no (image, sample) pair in common: were both arms evaluated on the same split?")
-    d = np.array([arm[k] - ref[k] for k in keys], dtype=np.float64)
-    se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else float("nan")
-    return float(d.mean()), se, int(d.size)
+    mean, se = mean_se([arm[k] - ref[k] for k in keys])
+    return mean, se, len(keys)
 
 
 def per_sample(res: Any, metric: str) -> dict[tuple[int, int], float]:
@@ -158,8 +157,8 @@ def run_compare(cfg: ExperimentConfig, rows: list[str], name: str, iterations: i
                 eval_samples: int = 1, resume: bool = False) -> dict[str, Any]:
     from deploy.driver import Driver
     from deploy.evaluate import build_eval_scorer, evaluate, read_results
-    from learner.checkpoint import latest_checkpoint
     from deploy.figures import iqa_distribution_figure, iqa_groups_from_results, reward_curve, reward_curves_figure
+    from learner.checkpoint import latest_checkpoint
 
     out = Path(cfg.deploy.output_dir) / name
     out.mkdir(parents=True, exist_ok=True)

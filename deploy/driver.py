@@ -122,7 +122,7 @@ class Driver:
         self.stage_hook: Any = None
         self._metrics: dict[str, Any] = {}
         self.dropped_total = 0
-        self._dataset: Any = None  # the training pairs (ground truth for iterative RL labels), lazily
+        self._dataset: Any = None  # the training pairs, checked before Ray (iterative RL labels against them)
         self._reward_index: tuple[Any, int] = (None, 0)  # (model folder, its version index)
 
     # ------------------------------------------------------------------------------ set-up
@@ -293,7 +293,8 @@ class Driver:
         self.run.write_config(cfg.to_yaml())
         self._connect_ray()
         self._install_signal_handlers()  # after ray.init, which installs its own SIGTERM handler
-        self._report_data()
+        for reason, n in getattr(self._dataset, "skipped", {}).items():
+            self._metric("data_skipped_files", "set", n, {"reason": reason})
 
         uses_rollout = cfg.algorithm.uses_rollout
         learner_pg = self._placement_group("learner", cfg.learner.num_learners, cfg.learner.num_cpus_per_learner,
@@ -318,7 +319,9 @@ class Driver:
                 log.info("resume auto: no checkpoint in %s, starting fresh", self.run.checkpoints)
                 self.run.reconcile_metrics(-1)  # records no checkpoint covers: redone, never appended to
             else:
-                info = self._get([lr.load_checkpoint.remote(str(ckpt)) for lr in learners], stoppable=False)[0]
+                # resolve_resume verified its checksums before Ray started: not hashed again per rank.
+                info = self._get([lr.load_checkpoint.remote(str(ckpt), False) for lr in learners],
+                                 stoppable=False)[0]
                 start = int(info["iteration"]) + 1
                 self.dropped_total = int(info["extra"].get("dropped_total", 0))
                 reward_path = info["extra"].get("reward_model_path")
@@ -346,7 +349,7 @@ class Driver:
         pending = None  # async: the rollout of the next iteration, in flight
         refresh_every = cfg.reward.iqa_train.refresh_every if self._serve_started else 0
         recent: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input ids [B], reward images) since the refresh
-        self._report_reward_version()
+        self._metric("reward_model_version", "set", self.reward_model_index)
         progress = _progress(cfg, start)
         try:
             for it in range(start, cfg.deploy.iterations):
@@ -390,7 +393,7 @@ class Driver:
                     record.update(staleness=staleness, batch_version=traj.policy_version)
                     if staleness > cfg.deploy.max_staleness:
                         self.dropped_total += traj.batch_size
-                        self._count_dropped(traj.batch_size)
+                        self._metric("dropped_trajectories_total", "inc", traj.batch_size, {"reason": "stale"})
                         record.update(dropped=traj.batch_size, dropped_total=self.dropped_total)
                         self.run.append_metrics(record)
                         self._at("record", it)
@@ -432,7 +435,8 @@ class Driver:
                 self.run.append_metrics(record)
                 last_record, last_done = record, it
                 self._at("record", it)
-                self._report(record)
+                if "staleness" in record:
+                    self._metric("staleness", "set", record["staleness"])
                 progress.update(1)
                 progress.set_postfix(_postfix(record))
         except StopRequested:
@@ -507,7 +511,7 @@ class Driver:
                 log.warning("rollout worker %d %s: re-sending its %d input(s) of iteration %d (retry %d of %d)",
                             i, why, len(launch.chunks[i]), launch.iteration, attempt + 1, self.cfg.rollout.max_restarts)
                 self.recovered["rollout"] = self.recovered.get("rollout", 0) + 1
-                self._count_recovered("rollout")
+                self._metric("recovered_total", "inc", 1, {"role": "rollout"})
             self._wait_alive([workers[i] for i, _ in failed])
             version = self._worker_version
             if sync is not None:
@@ -582,14 +586,13 @@ class Driver:
         t0 = time.perf_counter()
         deploy(self.cfg.reward, name="reward")
         log.info("reward: rolled over to %s in %.1f s", model_path, time.perf_counter() - t0)
-        self._report_reward_version()
+        self._metric("reward_model_version", "set", self.reward_model_index)
 
     def _refresh_reward(self, learners: list[Any], recent: list[tuple[Any, Any]], iteration: int) -> dict[str, Any]:
         """Fine-tune the reward model on the policy's recent reward images, labelled against their
         ground truth by the configured label source, roll the app over, and apply the tracker rule."""
         import torch
 
-        from common.data import build_dataset
         from deploy.reward_model import RefreshRejected, refresh_reward_model
 
         t = self.cfg.reward.iqa_train
@@ -597,8 +600,6 @@ class Driver:
         images = torch.cat([r[1] for r in recent]).numpy()
         keep = np.linspace(0, len(ids) - 1, min(len(ids), t.refresh_images)).round().astype(int)
         ids, images = ids[keep], images[keep]
-        if self._dataset is None:
-            self._dataset = build_dataset(self.cfg.data)
         refs = np.stack([self._dataset[int(i)].gt for i in ids])
         before = self.reward_model_index
         try:
@@ -616,16 +617,6 @@ class Driver:
               f"({len(images)} policy images labelled; tracker {t.refresh_tracker})", flush=True)
         # This iteration's rewards came from the old model: its record keeps reward_model_index.
         return {"reward_refreshed_to": self.reward_model_index}
-
-    def _report_reward_version(self) -> None:
-        try:
-            from common.telemetry import ray_metric
-
-            if "reward_version" not in self._metrics:
-                self._metrics["reward_version"] = ray_metric("reward_model_version")
-            self._metrics["reward_version"].set(self.reward_model_index)
-        except Exception as err:  # metrics must never break training
-            log.debug("metrics: %s", err)
 
     def _save_preview(self, workers: list[Any], ids: list[int], name: str) -> None:
         if not workers or not ids:
@@ -646,62 +637,26 @@ class Driver:
         print(f"outputs: {self.run.root.resolve()}", flush=True)
 
     # ------------------------------------------------------------------------------ telemetry
-    def _report(self, record: dict[str, Any]) -> None:
+    def _metric(self, name: str, op: str, value: float, tags: dict[str, str] | None = None) -> None:
+        """``op`` ("set" | "inc") on the telemetry metric ``name`` (common/telemetry.py), built
+        once. Metrics must never break training: a failure is logged at debug level."""
         try:
-            from common.telemetry import ray_metric
+            if name not in self._metrics:
+                from common.telemetry import ray_metric
 
-            if "staleness" not in self._metrics:
-                self._metrics["staleness"] = ray_metric("staleness")
-            if "staleness" in record:
-                self._metrics["staleness"].set(record["staleness"])
-        except Exception as err:  # metrics must never break training
-            log.debug("metrics: %s", err)
+                self._metrics[name] = ray_metric(name)
+            getattr(self._metrics[name], op)(value, tags=tags)
+        except Exception as err:  # noqa: BLE001
+            log.debug("metrics: %s: %s", name, err)
 
     @staticmethod
     def _check_data(cfg: ExperimentConfig) -> Any:
         from common.data import build_dataset
 
         ds = build_dataset(cfg.data)
-        skipped = getattr(ds, "skipped_files", [])
-        if hasattr(ds, "summary"):
+        if hasattr(ds, "summary"):  # each skipped file also had its own BadFileWarning
             print(f"[data] {ds.summary()}", flush=True)
-        if skipped:
-            log.warning("data: %d file(s) skipped (data.on_bad_file=skip): %s", len(skipped),
-                        ", ".join(f"{p} ({r})" for p, r in skipped))
         return ds
-
-    def _report_data(self) -> None:
-        skipped = getattr(self._dataset, "skipped", None)
-        if not skipped:
-            return
-        try:
-            from common.telemetry import ray_metric
-
-            g = ray_metric("data_skipped_files")
-            for reason, n in skipped.items():
-                g.set(n, tags={"reason": reason})
-        except Exception as err:  # metrics must never break training
-            log.debug("metrics: %s", err)
-
-    def _count_recovered(self, role: str) -> None:
-        try:
-            from common.telemetry import ray_metric
-
-            if "recovered" not in self._metrics:
-                self._metrics["recovered"] = ray_metric("recovered_total")
-            self._metrics["recovered"].inc(1, tags={"role": role})
-        except Exception as err:  # metrics must never break training
-            log.debug("metrics: %s", err)
-
-    def _count_dropped(self, n: int) -> None:
-        try:
-            from common.telemetry import ray_metric
-
-            if "dropped" not in self._metrics:
-                self._metrics["dropped"] = ray_metric("dropped_trajectories_total")
-            self._metrics["dropped"].inc(n, tags={"reason": "stale"})
-        except Exception as err:
-            log.debug("metrics: %s", err)
 
 
 def _resource_holders() -> str:

@@ -35,10 +35,6 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
 
-    def truncate_metrics_after(self, iteration: int) -> None:
-        """On resume: drop records of iterations after the checkpoint (they will be redone)."""
-        self.reconcile_metrics(iteration)
-
     def reconcile_metrics(self, iteration: int, checkpoint_record: dict[str, Any] | None = None) -> list[int]:
         """Make metrics.jsonl hold each iteration 0..``iteration`` at most once, in order, and
         nothing later: the state of a run resumed from the checkpoint of ``iteration``.

@@ -598,12 +598,14 @@ class Learner:
         )
         return str(path)
 
-    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
+    def load_checkpoint(self, path: str | Path, verify_checksums: bool = True) -> dict[str, Any]:
         """Restore weights, optimizer, tracker, RNGs and version (every rank loads the same one).
 
+        ``verify_checksums=False``: the caller has just verified them (the driver does, before Ray
+        starts); the manifest and the file sizes are still checked.
         Returns ``{"iteration", "policy_version", "extra"}``.
         """
-        c = ckpt.load_checkpoint(path)
+        c = ckpt.load_checkpoint(path, verify_checksums=verify_checksums)
         ours = list(self.policy.trainable_state_dict(clone=False))
         if c.trainable_names != ours:
             raise ckpt.CheckpointError(
