@@ -327,6 +327,29 @@ class RewardConfig(_Section):
     max_request_bytes: int = F(256 * 2**20, description="Request body size cap.", unit="bytes", ge=1)
     timeout_s: float = F(60.0, description="Client deadline for one score request, retries included.", unit="s", gt=0)
     max_retries: int = F(3, description="Client retries per request.", unit="retries", ge=0)
+    recovery_timeout_s: float = F(
+        900.0, description="How much longer than timeout_s a request keeps retrying while the service is unavailable "
+        "(a replica died and restarts: a real VLM loads for minutes; nothing listens; 503). Those attempts do not use "
+        "up max_retries.", unit="s", ge=0,
+    )
+    max_invalid_fraction: float = F(
+        0.25, description="Share of an iteration's trajectories that may carry an unscorable reward (the model's "
+        "answer was NaN or not a number) before the run fails; below it they are masked: dropped from the update, "
+        "counted (`reward/masked` in metrics.jsonl, dropped_trajectories_total{reason=unscorable_reward}).",
+        ge=0, le=1,
+    )
+    header_timeout_s: float = F(
+        15.0, description="HTTP server: a connection that has not sent a whole request head this long after it "
+        "opened (or after its last answer) is closed (slow-header clients).", unit="s", gt=0,
+    )
+    body_timeout_s: float = F(
+        60.0, description="HTTP server: deadline for reading a request body (408 after it). A request holds a "
+        "max_queue slot only once its body has arrived.", unit="s", gt=0,
+    )
+    scorer_stall_s: float = F(
+        300.0, description="Watchdog: a scorer call running longer than this turns /healthz to `degraded` (503) on "
+        "the HTTP server and fails the Serve replica's health check (Serve replaces it).", unit="s", gt=0,
+    )
     vllm_max_model_len: int = F(2048, description="vLLM max_model_len.", unit="tokens", ge=16)
     vllm_gpu_memory_utilization: float = F(
         0.9, description="vLLM memory fraction (on CPU: of host RAM; keep small).", gt=0, le=1
@@ -497,6 +520,12 @@ class DeployConfig(_Section):
         "iteration in flight and its checkpoint before it exits without them. `ray job stop` itself kills the "
         "driver after RAY_JOB_STOP_WAIT_TIME_S (Ray's default: 3 s) - raise that to let the checkpoint finish.",
         unit="s", gt=0,
+    )
+    max_restarts: int = F(
+        2, description="Self-healing: when a learner dies (or any actor outside the rollout re-send path), the "
+        "driver rebuilds the job's actors and resumes from the newest valid checkpoint, at most this many times per "
+        "run (iterations since that checkpoint are redone, never repeated in metrics.jsonl).",
+        unit="restarts", ge=0,
     )
     weight_sync: WeightSyncConfig = F(default_factory=WeightSyncConfig, description="Weight sync settings.")
 

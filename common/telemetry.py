@@ -56,7 +56,8 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec("data_skipped_files", "gauge", "Training files skipped as bad (data.on_bad_file=skip), by reason.",
                    ("reason",)),
         MetricSpec("recovered_total", "counter",
-                   "Recoveries from a fault, by role (rollout: a dead worker's chunk re-sent).", ("role",)),
+                   "Recoveries from a fault, by role (rollout: a dead worker's chunk re-sent; learner: the "
+                   "actors rebuilt and resumed from the newest checkpoint).", ("role",)),
         MetricSpec("reward_model_version", "gauge",
                    "Version index of the reward model the job scores with (iterative RL bumps it).", ()),
     ]

@@ -120,6 +120,16 @@ class Trajectory:
             raise ShapeError(f"Trajectory.policy_version: expected an int >= 0, got {self.policy_version!r}")
         return self
 
+    def select(self, rows: torch.Tensor) -> "Trajectory":
+        """The trajectories at ``rows`` (bool [B] mask or int64 indices) along B; shared fields
+        (timesteps, σ, reward steps) and ``extras`` are kept."""
+        per_batch = ("input_ids", "latents", "log_probs", "reward_images", "rewards", "final_images", "control_images")
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in per_batch:
+            kwargs[name] = getattr(self, name)[rows]
+        kwargs["extras"] = dict(self.extras)
+        return Trajectory(**kwargs)
+
     @staticmethod
     def concat(parts: list["Trajectory"]) -> "Trajectory":
         """Concatenate batches sampled with the same schedule and policy version along B."""

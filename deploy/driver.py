@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 
 from common.config import ExperimentConfig, add_config_args, config_from_args
 from common.types import Trajectory
@@ -92,6 +93,31 @@ def input_ids_for_iteration(iteration: int, inputs_per_iteration: int, num_input
     return out
 
 
+class UnscorableRewards(RuntimeError):
+    """More of an iteration's trajectories carry an unscorable reward than reward.max_invalid_fraction."""
+
+
+def mask_unscorable(traj: Trajectory, max_fraction: float, iteration: int) -> tuple[Trajectory, int]:
+    """Drop the trajectories whose rewards [B, R] hold a NaN (the reward model's answer for one
+    of its images was not a score: deterministic, so re-scoring cannot help) from the update.
+
+    Returns (the trajectories kept, how many were dropped). Raises :class:`UnscorableRewards`,
+    naming the inputs, when more than ``max_fraction`` of the B trajectories are dropped — a reward
+    model that cannot score most images is broken, not noisy."""
+    bad = ~torch.isfinite(traj.rewards).all(dim=1)  # [B]
+    n_bad, B = int(bad.sum()), traj.batch_size
+    if n_bad == 0:
+        return traj, 0
+    if n_bad > max_fraction * B:
+        ids = sorted({int(i) for i in traj.input_ids[bad]})
+        raise UnscorableRewards(
+            f"iteration {iteration}: {n_bad} of {B} trajectories have an unscorable reward (the reward model's "
+            f"answer was NaN or not a number; input ids {ids[:16]}), above reward.max_invalid_fraction "
+            f"{max_fraction:g}: the reward model is broken for these inputs"
+        )
+    return traj.select(~bad), n_bad
+
+
 def split_evenly(items: list[int], n: int) -> list[list[int]]:
     """Split into ``n`` contiguous chunks whose sizes differ by at most one (empty chunks dropped)."""
     k, r = divmod(len(items), n)
@@ -124,6 +150,7 @@ class Driver:
         self.dropped_total = 0
         self._dataset: Any = None  # the training pairs, checked before Ray (iterative RL labels against them)
         self._reward_index: tuple[Any, int] = (None, 0)  # (model folder, its version index)
+        self._restart_began: float | None = None  # when a restart after an actor's death began
 
     # ------------------------------------------------------------------------------ set-up
     def _install_signal_handlers(self) -> None:
@@ -233,6 +260,8 @@ class Driver:
         if cfg.reward.endpoint:
             log.info("reward: external endpoint %s", cfg.reward.endpoint)
             return make_reward_sink_factory(cfg.reward)
+        if self._serve_started:  # a restart after an actor died: the reward app is still up
+            return make_reward_sink_factory(cfg.reward, app_name="reward")
         from reward_server.serve_app import deploy
 
         t0 = time.perf_counter()
@@ -248,9 +277,31 @@ class Driver:
         local Ray that this call started is shut down (a later job in the same process, e.g. the
         demo's RL run after its SFT pre-training, would otherwise inherit a cluster sized for this
         one). A Ray started before the call (the demo, the compare tool, tests) stays up."""
+        import ray
+
         started_here = not self._owns_ray
+        restarts = 0
         try:
-            return self._run_loop()
+            while True:
+                try:
+                    return self._run_loop()
+                except ray.exceptions.RayActorError as err:
+                    # A learner died (or a worker outside the rollout's own re-send path, e.g. in
+                    # the weight sync): rebuild the actors and resume from the newest checkpoint
+                    # that verifies. The resume path is exact, so the iterations since that
+                    # checkpoint are redone with the same results and appear once.
+                    if self._stop or restarts >= self.cfg.deploy.max_restarts:
+                        raise
+                    restarts += 1
+                    t0 = time.monotonic()
+                    log.warning("an actor died (%s): rebuilding the job's actors and resuming from the newest "
+                                "checkpoint (restart %d of deploy.max_restarts=%d)",
+                                type(err).__name__, restarts, self.cfg.deploy.max_restarts)
+                    self.recovered["learner"] = self.recovered.get("learner", 0) + 1
+                    self._metric("recovered_total", "inc", 1, {"role": "learner"})
+                    self._teardown_actors()
+                    self.resume = "auto"
+                    self._restart_began = t0
         except StopRequested:  # during set-up, before the first iteration: nothing to checkpoint
             log.warning("stopped before the first iteration")
             return 0
@@ -285,7 +336,8 @@ class Driver:
         # a worker's log after Ray and Serve are up (the driver keeps the dataset: iterative RL
         # labels against its ground truth).
         self._dataset = self._check_data(cfg)
-        if cfg.algorithm.uses_rl and cfg.algorithm.reward == "iqa" and cfg.reward.model_kind == "trained":
+        if (cfg.algorithm.uses_rl and cfg.algorithm.reward == "iqa" and cfg.reward.model_kind == "trained"
+                and not cfg.reward.endpoint):  # an external reward server brings its own model
             from deploy.reward_model import with_trained_reward
 
             # Before Ray starts: training uses every core for a few minutes (cached afterwards).
@@ -318,6 +370,7 @@ class Driver:
             if ckpt is None:
                 log.info("resume auto: no checkpoint in %s, starting fresh", self.run.checkpoints)
                 self.run.reconcile_metrics(-1)  # records no checkpoint covers: redone, never appended to
+                self.dropped_total = 0
             else:
                 # resolve_resume verified its checksums before Ray started: not hashed again per rank.
                 info = self._get([lr.load_checkpoint.remote(str(ckpt), False) for lr in learners],
@@ -332,6 +385,10 @@ class Driver:
                 self.run.reconcile_metrics(int(info["iteration"]), info["extra"].get("record"))
                 print(f"resumed from {ckpt}: continuing at iteration {start} "
                       f"(policy version {info['policy_version']})", flush=True)
+        if self._restart_began is not None:
+            log.warning("restarted in %.1f s: continuing at iteration %d", time.monotonic() - self._restart_began,
+                        start)
+            self._restart_began = None
         if sync is not None:
             sync.setup()
             if ckpt is not None:
@@ -382,6 +439,19 @@ class Driver:
                         for v, n in t.extras.get("reward_versions", {}).items():
                             reward_versions[v] = reward_versions.get(v, 0) + n
                     traj = Trajectory.concat(trajs)
+                    if cfg.algorithm.uses_rl and cfg.algorithm.reward == "iqa":
+                        traj, masked = mask_unscorable(traj, cfg.reward.max_invalid_fraction, it)
+                        record["reward/masked"] = masked
+                        if masked:
+                            log.warning("iteration %d: %d trajectories with an unscorable reward masked", it, masked)
+                            self.dropped_total += masked
+                            self._metric("dropped_trajectories_total", "inc", masked,
+                                         {"reason": "unscorable_reward"})
+                        if traj.batch_size == 0:  # every trajectory masked (max_invalid_fraction 1): no update
+                            record.update(dropped=masked, dropped_total=self.dropped_total)
+                            self.run.append_metrics(record)
+                            self._at("record", it)
+                            continue
                     if reward_versions:
                         record["reward_model_versions"] = reward_versions
                         record["reward_model_index"] = self.reward_model_index
@@ -452,8 +522,8 @@ class Driver:
         self._finish(workers, preview_ids, final=True)
         return 0
 
-    def shutdown(self) -> None:
-        """Kill this run's actors and the reward app (the Ray cluster itself stays up)."""
+    def _teardown_actors(self) -> None:
+        """Kill this run's actors and remove their placement groups (the reward app stays)."""
         import ray
 
         from ray.util import remove_placement_group
@@ -464,7 +534,11 @@ class Driver:
         for pg in self._pgs:
             with contextlib.suppress(Exception):
                 remove_placement_group(pg)
-        self._actors, self._pgs = [], []
+        self._actors, self._pgs, self.workers = [], [], []
+
+    def shutdown(self) -> None:
+        """Kill this run's actors and the reward app (the Ray cluster itself stays up)."""
+        self._teardown_actors()
         if self._serve_started:
             from ray import serve
 

@@ -44,6 +44,7 @@ import datetime
 import functools
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -174,6 +175,10 @@ class Learner:
 
     def get_version(self) -> int:
         return self._version
+
+    def pid(self) -> int:
+        """This actor's process id (fault-injection tests kill it by PID)."""
+        return os.getpid()
 
     def reset_reward_tracker(self) -> None:
         """Forget the reward history: iterative RL changed the reward model, and scores of

@@ -10,10 +10,15 @@ denoising, and ``gather`` waits for the scores (DESIGN.md §1). Two transports:
 
 Failures: each request (an image on Serve, a chunk on HTTP) is retried with exponential backoff
 and full jitter while its deadline (``timeout_s`` from ``submit``, retries included) and
-``max_retries`` allow — but only retryable errors: connection errors, 503 (its Retry-After is
-honoured), other 5xx, a replica that died, Serve back-pressure. A 4xx (bad input) fails at once.
-A score that cannot be obtained raises :class:`RewardError` naming the image ids; a non-finite
-score, or ids that come back different from the ids sent, are errors too — never a silent 0.
+``max_retries`` allow — but only retryable errors: other 5xx, Serve back-pressure, a dropped
+connection. An *unavailable* service (a replica that died and restarts, nothing listening, 503
+with its Retry-After honoured) is waited for: those attempts do not use up ``max_retries``, and
+the deadline stretches by up to ``recovery_timeout_s`` (a real VLM replica takes minutes to
+load). A 4xx (bad input) fails at once. A score that cannot be obtained raises
+:class:`RewardError` naming the image ids; ±inf or out-of-range scores, or ids that come back
+different from the ids sent, are errors too — never a silent 0. An image the reward model cannot
+score (its answer is NaN, or not a number: deterministic, so never retried) comes back as NaN;
+the driver masks its trajectory and fails the run only above ``reward.max_invalid_fraction``.
 
     client = RewardClient.from_handle(handle, timeout_s=60, max_retries=3)
     h = client.submit(images, ids)        # uint8 [N, H, W, 3]; returns at once
@@ -62,6 +67,15 @@ class _Fatal(Exception):
     """A failure another attempt cannot fix (bad input, protocol mismatch, garbage scores)."""
 
 
+class _Unscorable(Exception):
+    """The model's answer for this image is not a score (deterministic): NaN, never retried."""
+
+
+class _Unavailable(_Retryable):
+    """The service is not there right now (a replica died or restarts, nothing listens, 503):
+    retried within ``recovery_timeout_s`` without using up ``max_retries``."""
+
+
 def _check_scores(
     ids: Sequence[str], got_ids: Sequence[str], scores: Sequence[float]
 ) -> np.ndarray:
@@ -73,7 +87,11 @@ def _check_scores(
     arr = np.asarray(scores, dtype=np.float64).reshape(-1)
     if arr.shape[0] != len(ids):
         raise _Fatal(f"the service returned {arr.shape[0]} scores for {len(ids)} images")
-    bad = [(i, float(s)) for i, s in zip(ids, arr) if not (math.isfinite(s) and 0.0 <= s <= 1.0)]
+    # NaN is the service's word for "unscorable" (the model's answer for that image is not a
+    # score: deterministic, not retried); the caller masks those trajectories. Anything else
+    # outside [0, 1] (±inf, 1.5) is garbage from a broken service.
+    bad = [(i, float(s)) for i, s in zip(ids, arr)
+           if not (math.isnan(s) or (math.isfinite(s) and 0.0 <= s <= 1.0))]
     if bad:
         raise _Fatal(
             f"the service returned non-finite or out-of-range scores for ids "
@@ -119,7 +137,10 @@ class ServeTransport:
             response.cancel()  # the deadline passed: do not leave the request queued
             raise
         except Exception as err:
-            raise _classify_ray_error(err) from err
+            verdict = _classify_ray_error(err)
+            if isinstance(verdict, _Unscorable):  # the model's answer is not a score: NaN, masked
+                return np.full(1, np.nan, np.float32)
+            raise verdict from err
         arr = _check_scores(ids, [scored[0]], [scored[1]])
         self.versions[getattr(scored, "version", None) or "unknown"] += 1
         return arr
@@ -146,19 +167,27 @@ def _classify_ray_error(err: BaseException) -> Exception:
             return _classify_ray_error(cause)
         return _Retryable(msg[:2000])  # an unexpected error in the replica: like a 5xx
     if isinstance(err, ScoreFailed):  # the replica's own verdict: bad input is not retried
-        return _Fatal(str(err)) if err.kind == "bad_input" else _Retryable(str(err))
-    retryable = (
+        if err.kind == "bad_input":
+            return _Fatal(str(err))
+        return _Unscorable(str(err)) if err.kind == "unscorable" else _Retryable(str(err))
+    unavailable = (
         rex.RayActorError,  # includes ActorDiedError / ActorUnavailableError: a replica died
+        sex.DeploymentUnavailableError,
+        ConnectionError,
+    )
+    for name in ("ReplicaUnavailableError",):
+        if hasattr(sex, name):
+            unavailable += (getattr(sex, name),)
+    if isinstance(err, unavailable):
+        return _Unavailable(msg[:2000])
+    retryable = (
         rex.ObjectLostError,
         rex.TaskCancelledError,
         rex.GetTimeoutError,
         sex.BackPressureError,
-        sex.DeploymentUnavailableError,
-        ConnectionError,
     )
-    for name in ("ReplicaUnavailableError", "RequestCancelledError"):
-        if hasattr(sex, name):
-            retryable += (getattr(sex, name),)
+    if hasattr(sex, "RequestCancelledError"):
+        retryable += (sex.RequestCancelledError,)
     if isinstance(err, retryable):
         return _Retryable(msg[:2000])
     return _Fatal(msg[:2000])
@@ -208,6 +237,8 @@ class HTTPTransport:
                 payload = await resp.read()
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")
+        except (aiohttp.ClientConnectorError, ConnectionRefusedError) as err:  # nothing listens
+            raise _Unavailable(f"{type(err).__name__}: {err}") from None
         except (aiohttp.ClientError, ConnectionError, OSError) as err:
             raise _Retryable(f"{type(err).__name__}: {err}") from None
         if status == 200:
@@ -227,7 +258,7 @@ class HTTPTransport:
                     after = float(retry_after)
                 except ValueError:
                     after = None
-            raise _Retryable(message, after)
+            raise (_Unavailable if status == 503 else _Retryable)(message, after)
         raise _Fatal(message)
 
     async def aclose(self) -> None:
@@ -255,14 +286,17 @@ class RewardClient:
         max_retries: int = 3,
         backoff_base_s: float = 0.1,
         backoff_max_s: float = 5.0,
+        recovery_timeout_s: float = 0.0,
         seed: int | None = None,
     ):
-        if timeout_s <= 0 or max_retries < 0:
+        if timeout_s <= 0 or max_retries < 0 or recovery_timeout_s < 0:
             raise ValueError(
-                f"timeout_s must be > 0 and max_retries >= 0, got {timeout_s}, {max_retries}"
+                f"timeout_s must be > 0, max_retries >= 0 and recovery_timeout_s >= 0, got {timeout_s}, "
+                f"{max_retries}, {recovery_timeout_s}"
             )
         self.transport = transport
         self.timeout_s = timeout_s
+        self.recovery_timeout_s = recovery_timeout_s
         self.max_retries = max_retries
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
@@ -275,6 +309,8 @@ class RewardClient:
         self._closed = False
         #: Attempts that failed and were retried (for tests and logs).
         self.retries = 0
+        #: Attempts that found the service unavailable (retried within recovery_timeout_s).
+        self.unavailable = 0
 
     @classmethod
     def from_handle(cls, handle: Any, **kwargs: Any) -> RewardClient:
@@ -308,15 +344,18 @@ class RewardClient:
         return asyncio.run_coroutine_threadsafe(self._score_all(images, ids, deadline), self._loop)
 
     def gather(self, handles: Sequence[concurrent.futures.Future]) -> list[np.ndarray]:
-        """Wait for each handle; float32 [N] scores per handle. Raises RewardError."""
+        """Wait for each handle; float32 [N] scores per handle, NaN where the reward model's
+        answer for an image was not a score (unscorable: the caller masks it). Raises RewardError."""
         out = []
         for h in handles:
+            # Each request ends by its own deadline (an outage may extend it by up to
+            # recovery_timeout_s); the margin only covers the hand-off.
+            wait_s = self.timeout_s + self.recovery_timeout_s + 30.0
             try:
-                # Each request ends by its own deadline; the margin only covers the hand-off.
-                out.append(h.result(timeout=self.timeout_s + 30.0))
+                out.append(h.result(timeout=wait_s))
             except concurrent.futures.TimeoutError:
                 raise RewardError(
-                    f"reward request still pending {self.timeout_s + 30.0:.0f} s after its "
+                    f"reward request still pending {wait_s:.0f} s after submit, past its "
                     "deadline (client event loop stuck?)"
                 ) from None
         return out
@@ -374,12 +413,18 @@ class RewardClient:
     async def _score_chunk(
         self, images: list[np.ndarray], ids: list[str], deadline: float
     ) -> np.ndarray:
-        attempt = 0
+        """One request with its retries. ``deadline``: ``timeout_s`` after ``submit``. While the
+        service is unavailable (a replica died and restarts, nothing listens, 503) the request
+        keeps trying without using up ``max_retries``, and each attempt after an outage gets a
+        fresh ``timeout_s`` — but never past ``timeout_s + recovery_timeout_s`` after submit."""
+        hard_deadline = deadline + self.recovery_timeout_s
+        attempt = 0  # retries used (max_retries bounds them)
+        outage = 0  # consecutive attempts that found the service unavailable
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise RewardError(
-                    f"deadline of {self.timeout_s:g} s passed before attempt {attempt + 1}"
+                    f"deadline of {self.timeout_s:g} s passed before attempt {attempt + outage + 1}"
                 )
             try:
                 return await asyncio.wait_for(
@@ -388,25 +433,38 @@ class RewardClient:
             except _Fatal as err:
                 raise RewardError(str(err)) from None
             except TimeoutError:
-                raise RewardError(
-                    f"deadline of {self.timeout_s:g} s passed during attempt {attempt + 1}"
-                ) from None
-            except _Retryable as err:
+                if outage == 0 or time.monotonic() >= hard_deadline:
+                    raise RewardError(
+                        f"deadline of {self.timeout_s:g} s passed during attempt {attempt + outage + 1}"
+                        + (f" (the service was unavailable; recovery_timeout_s {self.recovery_timeout_s:g} s)"
+                           if outage else "")
+                    ) from None
+                err: _Retryable = _Unavailable("no answer while the service recovers")
+            except _Retryable as caught:
+                err = caught
+            if isinstance(err, _Unavailable):
+                outage += 1
+                k = outage - 1
+                # The attempt after an outage gets its own timeout_s, within the recovery window.
+                deadline = min(hard_deadline, max(deadline, time.monotonic() + self.timeout_s))
+                self.unavailable += 1
+            else:
                 if attempt >= self.max_retries:
                     raise RewardError(f"gave up after {attempt + 1} attempt(s): {err}") from None
-                delay = self._rng.uniform(
-                    0, min(self.backoff_max_s, self.backoff_base_s * 2**attempt)
-                )
-                if err.retry_after_s is not None:
-                    delay = max(delay, err.retry_after_s)
-                remaining = deadline - time.monotonic()
-                if delay >= remaining:
-                    raise RewardError(
-                        f"deadline of {self.timeout_s:g} s leaves no time to retry after: {err}"
-                    ) from None
-                self.retries += 1
+                k = attempt
                 attempt += 1
-                await asyncio.sleep(delay)
+            delay = self._rng.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2**k))
+            if err.retry_after_s is not None:
+                delay = max(delay, err.retry_after_s)
+            remaining = deadline - time.monotonic()
+            if delay >= remaining:
+                raise RewardError(
+                    f"deadline of {self.timeout_s:g} s"
+                    + (f" (+ recovery_timeout_s {self.recovery_timeout_s:g} s)" if outage else "")
+                    + f" leaves no time to retry after: {err}"
+                ) from None
+            self.retries += 1
+            await asyncio.sleep(delay)
 
 
 # ------------------------------------------------------------------------------------ factory
@@ -423,9 +481,11 @@ class RewardSinkFactory:
     timeout_s: float = 60.0
     max_retries: int = 3
     max_images_per_request: int = 64
+    recovery_timeout_s: float = 0.0
 
     def __call__(self) -> RewardClient:
-        kwargs = {"timeout_s": self.timeout_s, "max_retries": self.max_retries}
+        kwargs = {"timeout_s": self.timeout_s, "max_retries": self.max_retries,
+                  "recovery_timeout_s": self.recovery_timeout_s}
         if self.handle is not None:
             return RewardClient.from_handle(self.handle, **kwargs)
         if self.endpoint is not None:
@@ -442,7 +502,8 @@ class RewardSinkFactory:
             if self.handle is not None
             else (self.endpoint or f"serve app {self.app_name!r}")
         )
-        return f"RewardSinkFactory({where}, timeout_s={self.timeout_s}, max_retries={self.max_retries})"
+        return (f"RewardSinkFactory({where}, timeout_s={self.timeout_s}, max_retries={self.max_retries}, "
+                f"recovery_timeout_s={self.recovery_timeout_s})")
 
 
 def make_reward_sink_factory(
@@ -458,4 +519,5 @@ def make_reward_sink_factory(
         timeout_s=reward.timeout_s,
         max_retries=reward.max_retries,
         max_images_per_request=reward.max_images_per_request,
+        recovery_timeout_s=reward.recovery_timeout_s,
     )

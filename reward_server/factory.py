@@ -165,7 +165,10 @@ class ScoreFailed(RuntimeError):
     """One image's reward could not be computed. Never replaced by a made-up score.
 
     ``kind``: ``bad_input`` (the request's fault: wrong dtype/shape/size; retrying cannot help),
-    ``scoring`` (the backend failed or returned a non-finite score: a server-side error).
+    ``unscorable`` (the model's answer for this image is not a score: non-finite, no number, out
+    of range — deterministic for the image and the weights, so never retried: the caller gets NaN
+    for it and the driver masks its trajectory), ``scoring`` (the backend itself failed: an engine
+    error, retried by the client).
     """
 
     def __init__(self, message: str, kind: str = "scoring"):
@@ -224,14 +227,14 @@ def _unpack(batch: object, ids: Sequence[str]) -> list[ScoredImage | ScoreFailed
             out.append(
                 ScoreFailed(
                     f"image {image_id!r}: the scorer returned {s!r}, not a score in [0, 1]",
-                    "scoring",
+                    "unscorable",
                 )
             )
             continue
         row = None if levels is None else tuple(float(p) for p in levels[i])
         if row is not None and not all(math.isfinite(p) for p in row):
             out.append(
-                ScoreFailed(f"image {image_id!r}: non-finite level probabilities {row}", "scoring")
+                ScoreFailed(f"image {image_id!r}: non-finite level probabilities {row}", "unscorable")
             )
             continue
         out.append(ScoredImage(image_id, s, row))
@@ -246,11 +249,18 @@ def score_batch(
     A failing batch is retried one image at a time, so that one bad image (a NaN from the
     backend, say) fails only its own request and not the others that happened to share its batch.
     Exceptions are returned, not raised: each caller fails exactly the requests they belong to.
+    A :class:`~reward_server.scoring.ScoringError` of one image (the model's own answer is not a
+    score) is ``unscorable``; any other exception (the engine failed) is ``scoring``.
     """
+    from reward_server.scoring import ScoringError
+
     try:
         return _unpack(scorer.score(list(images)), ids)
     except Exception as err:  # noqa: BLE001 — every failure becomes a per-image ScoreFailed
         if len(ids) == 1:
-            kind = getattr(err, "kind", "scoring") if isinstance(err, ScoreFailed) else "scoring"
+            if isinstance(err, ScoreFailed):
+                kind = err.kind
+            else:
+                kind = "unscorable" if isinstance(err, ScoringError) else "scoring"
             return [ScoreFailed(f"image {ids[0]!r}: {type(err).__name__}: {err}", kind)]
     return [score_batch(scorer, [i], [im])[0] for i, im in zip(ids, images)]

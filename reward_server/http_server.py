@@ -7,26 +7,37 @@ Endpoints:
 * ``POST /score`` — body: the msgpack ``ScoreRequest`` of DESIGN.md §3 (``Content-Type:
   application/msgpack``), decoded strictly by :func:`common.wire.decode_score_request` with the
   config's caps; answer: the msgpack ``ScoreResponse``.
-* ``GET /healthz`` — ``{"status": "ok", "model", "version", "queue"}`` (JSON).
+* ``GET /healthz`` — ``{"status": "ok", "model", "version", "queue"}`` (JSON); 503 with
+  ``"status": "degraded"`` while a scorer call has run longer than ``scorer_stall_s`` (a stuck
+  engine: a load balancer or Kubernetes probe then stops sending traffic / restarts it).
 * ``GET /metrics`` — Prometheus text (own registry; names of :mod:`common.telemetry`).
 
 Status codes of ``POST /score`` (errors carry JSON ``{"error": message, "kind": kind}``):
 
 ====  =============  =================================================================
-200   —              scores (msgpack ScoreResponse)
+200   —              scores (msgpack ScoreResponse); NaN for an image the model cannot score
+                     (its answer is NaN or not a number: deterministic, counted as
+                     ``unscorable``; the client masks that trajectory, never retries it)
 400   malformed      not msgpack, trailing bytes, missing/unknown fields, duplicate ids
 400   type           a field of the wrong type (``images`` not a list, ``id`` not a str)
 401   unauthorized   bearer token missing or wrong (only when ``auth_token`` is set)
+408   timeout        the body did not arrive within ``body_timeout_s``
 413   too_large      body over ``max_request_bytes`` (Content-Length or bytes read), an
                      image over ``max_image_pixels``
 413   too_many       more than ``max_images_per_request`` images
 415   content_type   Content-Type is not application/msgpack
 422   dtype          ``dtype`` other than "uint8"
 422   shape          shape not [H, W, 3] (non-RGB), data length ≠ H·W·3, no images
-500   scoring        the scorer failed or returned a non-finite score (never a made-up 0)
+499   aborted        the client went away before its body arrived (nobody reads this answer)
+500   scoring        the scorer (engine) failed (never a made-up 0)
 500   internal       a bug in the server (the server keeps serving)
 503   overloaded     more than ``max_queue`` requests in flight or waiting; ``Retry-After``
 ====  =============  =================================================================
+
+Slow clients cannot starve the queue: a connection must send its request head within
+``header_timeout_s`` (aiohttp's keep-alive timer, armed when the connection opens and after
+each answer) and its body within ``body_timeout_s``; a request takes one of the ``max_queue``
+slots only once its body has arrived, so connections trickling bytes hold none.
 
 Concurrent requests share scorer calls: a :class:`MicroBatcher` collects images from all of
 them until ``max_batch_size`` images or ``batch_wait_timeout_s`` after the first, then runs one
@@ -66,11 +77,14 @@ STATUS_BY_KIND: dict[str, int] = {
     "malformed": 400,
     "type": 400,
     "unauthorized": 401,
+    "timeout": 408,
     "too_large": 413,
     "too_many": 413,
     "content_type": 415,
     "dtype": 422,
     "shape": 422,
+    "aborted": 499,
+    "unscorable": 200,  # counted, answered with NaN for that image (see the table above)
     "scoring": 500,
     "internal": 500,
     "overloaded": 503,
@@ -82,6 +96,14 @@ class _RequestError(Exception):
         super().__init__(message)
         self.kind = kind
         self.headers = headers or {}
+
+
+def aiohttp_payload_errors() -> tuple[type[BaseException], ...]:
+    """What reading a request body raises when the client goes away mid-body."""
+    import aiohttp
+
+    return (aiohttp.ClientConnectionResetError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
+            asyncio.IncompleteReadError)
 
 
 # ------------------------------------------------------------------------------------ batching
@@ -113,6 +135,8 @@ class MicroBatcher:
         self.metrics = metrics
         self.batch_sizes: list[int] = []  # every batch this batcher ran (tests, stats)
         self.last_latency_s = 0.0
+        #: When the scorer call in progress started (time.monotonic()); None when idle.
+        self.busy_since: float | None = None
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task | None = None
 
@@ -168,12 +192,15 @@ class MicroBatcher:
             if not batch:
                 continue
             start = time.perf_counter()
+            self.busy_since = time.monotonic()
             try:
                 results = await asyncio.to_thread(
                     score_batch, self.scorer, [b.image_id for b in batch], [b.image for b in batch]
                 )
             except Exception as err:  # noqa: BLE001 — score_batch returns errors; this is a bug guard
                 results = [ScoreFailed(f"{type(err).__name__}: {err}", "scoring")] * len(batch)
+            finally:
+                self.busy_since = None
             self.last_latency_s = time.perf_counter() - start
             self.batch_sizes.append(len(batch))
             if self.metrics is not None:
@@ -231,6 +258,8 @@ class RewardHTTPServer:
         max_queue: requests in flight or waiting beyond which ``/score`` answers 503.
         limits: request caps (images, pixels, bytes).
         auth_token: bearer token ``/score`` requires; None: no auth.
+        header_timeout_s, body_timeout_s: read deadlines (module docstring).
+        scorer_stall_s: a scorer call longer than this makes ``/healthz`` degraded.
     """
 
     def __init__(
@@ -242,8 +271,14 @@ class RewardHTTPServer:
         max_queue: int = 256,
         limits: RequestLimits = DEFAULT_REQUEST_LIMITS,
         auth_token: str | None = None,
+        header_timeout_s: float = 15.0,
+        body_timeout_s: float = 60.0,
+        scorer_stall_s: float = 300.0,
     ):
         self.scorer = scorer
+        self.header_timeout_s = header_timeout_s
+        self.body_timeout_s = body_timeout_s
+        self.scorer_stall_s = scorer_stall_s
         self.limits = limits
         self.max_queue = max_queue
         self._token = auth_token.encode() if auth_token else None
@@ -264,7 +299,18 @@ class RewardHTTPServer:
                 max_request_bytes=reward.max_request_bytes,
             ),
             auth_token=reward.auth_token,
+            header_timeout_s=reward.header_timeout_s,
+            body_timeout_s=reward.body_timeout_s,
+            scorer_stall_s=reward.scorer_stall_s,
         )
+
+    def make_runner(self) -> web.AppRunner:
+        """The app's runner; aiohttp's keep-alive timer is the head deadline (it is armed when
+        a connection opens, so a client that never finishes its first request head is cut too)."""
+        # lingering_time: after an early answer (408, 413) aiohttp keeps reading the unread body
+        # for this long (10 s by default) before it closes; a trickling client would hold on.
+        return web.AppRunner(self.make_app(), access_log=None, keepalive_timeout=self.header_timeout_s,
+                             lingering_time=1.0)
 
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=self.limits.max_request_bytes)
@@ -284,14 +330,19 @@ class RewardHTTPServer:
 
     # -- handlers ------------------------------------------------------------------------------
     async def handle_healthz(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "status": "ok",
-                "model": self.scorer.name,
-                "version": self.scorer.version,
-                "queue": self.pending,
-            }
-        )
+        body: dict[str, object] = {
+            "status": "ok",
+            "model": self.scorer.name,
+            "version": self.scorer.version,
+            "queue": self.pending,
+        }
+        since = self.batcher.busy_since
+        if since is not None and time.monotonic() - since > self.scorer_stall_s:
+            body["status"] = "degraded"
+            body["reason"] = (f"a scorer call has run for {time.monotonic() - since:.0f} s "
+                              f"(> scorer_stall_s {self.scorer_stall_s:g} s)")
+            return web.json_response(body, status=503)
+        return web.json_response(body)
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         body, content_type = self.metrics.render()
@@ -306,23 +357,33 @@ class RewardHTTPServer:
                     f"Content-Type must be application/msgpack (the body of DESIGN.md §3), got "
                     f"{request.headers.get('Content-Type', '(none)')!r}",
                 )
-            if self.pending >= self.max_queue:
-                raise _RequestError(
-                    "overloaded",
-                    f"overloaded: {self.pending} requests in flight or waiting (max_queue {self.max_queue}); "
-                    "retry later",
-                    {"Retry-After": str(self._retry_after_s())},
-                )
         except _RequestError as err:
-            return self._error(
-                err, close=True
-            )  # the body was not read: do not reuse the connection
+            return self._error(err, close=True)  # the body was not read: do not reuse the connection
+        try:
+            # The body first, under its deadline: a request waiting for its bytes holds no slot.
+            body = await asyncio.wait_for(self._read_body(request), self.body_timeout_s)
+        except TimeoutError:
+            return self._error(_RequestError(
+                "timeout", f"the request body did not arrive within body_timeout_s ({self.body_timeout_s:g} s)"
+            ), close=True)
+        except _RequestError as err:
+            return self._error(err, close=err.kind == "too_large")
+        except (ConnectionError, *aiohttp_payload_errors()) as err:
+            return self._error(_RequestError("aborted", f"client went away mid-body: {type(err).__name__}"),
+                               close=True)
+        if self.pending >= self.max_queue:
+            return self._error(_RequestError(
+                "overloaded",
+                f"overloaded: {self.pending} requests in flight or waiting (max_queue {self.max_queue}); "
+                "retry later",
+                {"Retry-After": str(self._retry_after_s())},
+            ))
         self.pending += 1
         self.metrics.queue.set(self.pending)
         try:
-            return await self._score(request)
+            return await self._score(body)
         except _RequestError as err:
-            return self._error(err, close=err.kind == "too_large")
+            return self._error(err)
         except Exception as err:  # noqa: BLE001 — a bug must not take the server down
             return self._error(
                 _RequestError("internal", f"internal error: {type(err).__name__}: {err}")
@@ -331,8 +392,7 @@ class RewardHTTPServer:
             self.pending -= 1
             self.metrics.queue.set(self.pending)
 
-    async def _score(self, request: web.Request) -> web.Response:
-        body = await self._read_body(request)
+    async def _score(self, body: bytearray) -> web.Response:
         try:
             req = decode_score_request(body, self.limits)
         except WireError as err:
@@ -341,18 +401,24 @@ class RewardHTTPServer:
             ) from None
         ids = [item.id for item in req.images]
         results = await self.batcher.score(ids, [item.pixels for item in req.images])
-        failed = [r for r in results if isinstance(r, ScoreFailed)]
+        failed = [r for r in results if isinstance(r, ScoreFailed) and r.kind != "unscorable"]
         if failed:
             raise _RequestError(
                 "scoring",
                 f"no reward for {len(failed)} of {len(ids)} image(s): "
                 + "; ".join(str(f) for f in failed[:4]),
             )
-        levels = [r.levels for r in results]  # type: ignore[union-attr]
+        nan5 = (math.nan,) * 5
+        unscorable = sum(isinstance(r, ScoreFailed) for r in results)
+        for _ in range(unscorable):
+            self.metrics.error("unscorable")
+        scores = tuple(math.nan if isinstance(r, ScoreFailed) else r.score for r in results)
+        levels = [nan5 if isinstance(r, ScoreFailed) else r.levels for r in results]
+        has_levels = all(row is not None for row in levels) and unscorable < len(results)
         resp = ScoreResponse(
             ids=tuple(ids),
-            scores=tuple(r.score for r in results),  # type: ignore[union-attr]
-            levels=None if any(row is None for row in levels) else tuple(levels),  # type: ignore[arg-type]
+            scores=scores,
+            levels=tuple(levels) if has_levels else None,  # type: ignore[arg-type]
             model=self.scorer.name,
             version=self.scorer.version,
         )
@@ -430,7 +496,8 @@ class BackgroundServer:
         failure: list[BaseException] = []
 
         async def _up() -> None:
-            self._runner = web.AppRunner(self.server.make_app(), access_log=None)
+            make_runner = getattr(self.server, "make_runner", None)
+            self._runner = make_runner() if make_runner else web.AppRunner(self.server.make_app(), access_log=None)
             await self._runner.setup()
             site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
             await site.start()
@@ -477,7 +544,7 @@ async def run_server(
     """Serve until ``stop`` is set (or SIGINT/SIGTERM when ``stop`` is None)."""
     import signal
 
-    runner = web.AppRunner(server.make_app(), access_log=None)
+    runner = server.make_runner()
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

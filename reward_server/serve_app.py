@@ -24,12 +24,14 @@ reward_images_total, reward_batch_size, reward_latency_seconds, reward_queue_dep
 reward_errors_total{kind}. :meth:`IQAScorer.stats` returns the same counts from the replica.
 
 A reward that cannot be computed (a scorer error, a non-finite score) fails its request with
-:class:`~reward_server.factory.ScoreFailed` — never a 0.
+:class:`~reward_server.factory.ScoreFailed` — never a 0. :meth:`IQAScorer.check_health` fails
+while a scorer call is stuck (``reward.scorer_stall_s``): Serve replaces the replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -77,6 +79,8 @@ class IQAScorer:
         batch_wait_timeout_s: longest wait for a batch to fill after its first request.
         max_image_pixels: per-image pixel cap (bad input otherwise).
         stats_window: how many recent batch sizes :meth:`stats` keeps.
+        scorer_stall_s: a scorer call running longer than this fails :meth:`check_health`, and
+            Serve replaces the replica (a stuck engine must not keep taking requests).
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class IQAScorer:
         batch_wait_timeout_s: float,
         max_image_pixels: int | None = None,
         stats_window: int = 10_000,
+        scorer_stall_s: float = 300.0,
     ) -> None:
         from common.telemetry import ray_metric
 
@@ -104,10 +109,25 @@ class IQAScorer:
         self._batch_sizes: deque[int] = deque(maxlen=stats_window)
         self._images = 0
         self._errors: Counter[str] = Counter()
+        self.scorer_stall_s = scorer_stall_s
+        self._calls: dict[int, float] = {}  # scorer calls in progress: number -> start (monotonic)
+        self._call_ids = itertools.count()
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: raises while a scorer call has run for longer than
+        ``scorer_stall_s`` (Serve then replaces this replica)."""
+        now = time.monotonic()
+        stuck = [now - t for t in self._calls.values() if now - t > self.scorer_stall_s]
+        if stuck:
+            raise RuntimeError(
+                f"scorer call running for {max(stuck):.0f} s (> scorer_stall_s {self.scorer_stall_s:g} s): "
+                "the scoring engine is stuck"
+            )
 
     # -- requests --------------------------------------------------------------------------
     async def score(self, image: np.ndarray, image_id: str) -> ScoredImage:
-        """Score one uint8 [H, W, 3] RGB image; raises ScoreFailed (kind bad_input | scoring)."""
+        """Score one uint8 [H, W, 3] RGB image; raises ScoreFailed (kind bad_input | unscorable |
+        scoring)."""
         try:
             check_image(image, image_id, self.max_image_pixels)
         except ScoreFailed:
@@ -134,7 +154,12 @@ class IQAScorer:
         start = time.perf_counter()
         # The scorer is blocking (a forward pass, a vLLM generate): run it off the event loop so
         # the replica keeps accepting requests (and forming the next batch) meanwhile.
-        results = await asyncio.to_thread(score_batch, self.scorer, image_ids, images)
+        call = next(self._call_ids)
+        self._calls[call] = time.monotonic()
+        try:
+            results = await asyncio.to_thread(score_batch, self.scorer, image_ids, images)
+        finally:
+            del self._calls[call]
         version = getattr(self.scorer, "version", None)
         results = [r._replace(version=version) if isinstance(r, ScoredImage) else r for r in results]
         self._m_latency.observe(time.perf_counter() - start)
@@ -229,6 +254,7 @@ def build_app(
         max_batch_size=reward.max_batch_size,
         batch_wait_timeout_s=reward.batch_wait_timeout_s,
         max_image_pixels=reward.max_image_pixels,
+        scorer_stall_s=reward.scorer_stall_s,
     )
 
 

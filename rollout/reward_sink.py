@@ -26,7 +26,9 @@ class RewardSink(Protocol):
         ...
 
     def gather(self, handles: Sequence[Any]) -> list[np.ndarray]:
-        """Wait for the handles; return one float32 [N] array of scores in [0, 1] per handle."""
+        """Wait for the handles; return one float32 [N] array of scores in [0, 1] per handle.
+        NaN marks an image the reward model could not score (its answer was not a number): the
+        driver drops that trajectory from the update (``reward.max_invalid_fraction``)."""
         ...
 
 
@@ -34,9 +36,9 @@ def _check_scores(scores: Any, n: int) -> np.ndarray:
     arr = np.asarray(scores, dtype=np.float32).reshape(-1)
     if arr.shape[0] != n:
         raise RewardError(f"reward sink returned {arr.shape[0]} scores for {n} images")
-    if not np.all(np.isfinite(arr)):
-        bad = np.flatnonzero(~np.isfinite(arr)).tolist()
-        raise RewardError(f"reward sink returned non-finite scores at positions {bad}")
+    if np.any(np.isinf(arr)):  # NaN is allowed: "unscorable", masked by the driver
+        bad = np.flatnonzero(np.isinf(arr)).tolist()
+        raise RewardError(f"reward sink returned infinite scores at positions {bad}")
     return arr
 
 

@@ -79,3 +79,39 @@ def test_reconcile_metrics_keeps_each_iteration_once_up_to_the_checkpoint(tmp_pa
     assert run.reconcile_metrics(3, {"iteration": 3, "n": -1}) == [0, 1, 2, 3]
     assert read_metrics(run.metrics_path)[-1]["n"] == 99
     assert run.reconcile_metrics(-1) == [] and read_metrics(run.metrics_path) == []  # no checkpoint: afresh
+
+
+def _traj(rewards):
+    import torch
+
+    from common.types import Trajectory
+
+    B, R = rewards.shape
+    K, H = 3, 4
+    return Trajectory(
+        input_ids=torch.arange(B, dtype=torch.int64) // 2, latents=torch.randn(B, K + 1, 1, 2, 2),
+        log_probs=torch.zeros(B, K), timesteps=torch.tensor([900, 500, 100]), sigmas=torch.full((K,), 0.1),
+        reward_steps=torch.tensor([1, 2])[:R], reward_images=torch.arange(B, dtype=torch.uint8).view(B, 1, 1, 1, 1)
+        .expand(B, R, H, H, 3).contiguous(), rewards=rewards,
+        final_images=torch.zeros(B, H, H, 3, dtype=torch.uint8), control_images=torch.zeros(B, H, H, 3, dtype=torch.uint8),
+        policy_version=0, eta=1.0,
+    ).validate()
+
+
+def test_unscorable_rewards_mask_their_trajectories_up_to_the_configured_fraction():
+    import torch
+
+    from deploy.driver import UnscorableRewards, mask_unscorable
+
+    nan = float("nan")
+    rewards = torch.tensor([[0.1, 0.2], [nan, 0.4], [0.5, 0.6], [0.7, nan]])
+    kept, n = mask_unscorable(_traj(rewards), 0.5, iteration=3)
+    assert n == 2 and kept.batch_size == 2
+    assert kept.input_ids.tolist() == [0, 1] and kept.rewards.tolist() == [pytest.approx([0.1, 0.2]),
+                                                                            pytest.approx([0.5, 0.6])]
+    assert kept.reward_images[:, 0, 0, 0, 0].tolist() == [0, 2]  # every per-sample field follows
+    kept.validate()
+    clean, n = mask_unscorable(_traj(torch.rand(4, 2)), 0.0, iteration=0)
+    assert n == 0 and clean.batch_size == 4
+    with pytest.raises(UnscorableRewards, match=r"iteration 3: 2 of 4 .*input ids \[0, 1\].*0\.25"):
+        mask_unscorable(_traj(rewards), 0.25, iteration=3)

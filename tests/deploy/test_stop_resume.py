@@ -166,3 +166,104 @@ def test_a_rollout_worker_killed_mid_rollout_costs_a_retry_not_the_run(reference
     assert _same(_values(tmp_path / "r"), reference), (_values(tmp_path / "r"), reference)
     recs = read_metrics(tmp_path / "r" / "metrics.jsonl")
     assert [r.get("recovered_total/rollout", 0) for r in recs] == [0] + [1] * (N - 1)
+
+
+def test_a_learner_killed_mid_run_restarts_from_the_checkpoint_and_redoes_only_since_then(reference, tmp_path):
+    """SIGKILL (by PID) of the learner while iteration 2's rollout is in flight, checkpoints every
+    2 iterations (ckpt-1 on disk): the driver rebuilds the actors, resumes from ckpt-1 and redoes
+    iteration 2. Every iteration appears once, with an uninterrupted run's rewards and losses."""
+    import os
+    import signal
+
+    import ray
+
+    from deploy.outputs import read_metrics
+
+    def make(driver):
+        def hook(stage, it):
+            if (stage, it) == ("launched", 2) and not driver.recovered:
+                os.kill(ray.get(driver._actors[0].pid.remote(), timeout=60), signal.SIGKILL)
+        return hook
+
+    cfg = _config(tmp_path, "r", 2)
+    assert _run(cfg, hook=make) == 0
+    assert _same(_values(tmp_path / "r"), reference), (_values(tmp_path / "r"), reference)
+    recs = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    assert [r.get("recovered_total/learner", 0) for r in recs] == [0, 0] + [1] * (N - 2)
+
+
+def test_a_learner_that_keeps_dying_ends_the_run_after_max_restarts(tmp_path):
+    """deploy.max_restarts bounds the restarts: a learner killed on every attempt ends the run
+    with the actor's death, after exactly max_restarts rebuilds."""
+    import os
+    import signal
+
+    import ray
+
+    seen = []
+
+    def make(driver):
+        def hook(stage, it):
+            if (stage, it) == ("launched", 0):
+                seen.append(it)
+                os.kill(ray.get(driver._actors[0].pid.remote(), timeout=60), signal.SIGKILL)
+        return hook
+
+    cfg = load_config(DEMO, [*SMALL, f"deploy.output_dir={tmp_path}", "deploy.run_name=r", "deploy.max_restarts=1"])
+    with pytest.raises(ray.exceptions.RayActorError):
+        _run(cfg, hook=make)
+    assert len(seen) == 2  # the first attempt and one restart
+
+
+class _SometimesNaN:
+    """Fault injector (this test only): a reward model whose answer is NaN for about one image
+    in three — decided by the image's bytes, so deterministic as a real model's NaN would be —
+    and the mean brightness otherwise."""
+
+    name, version = "stub:sometimes-nan", "0"
+
+    def score(self, images):
+        import hashlib
+
+        import numpy as np
+
+        from reward_server.scoring import ScoreBatch
+
+        scores = [np.nan if hashlib.md5(im.tobytes()).digest()[0] % 3 == 0 else im.mean() / 255 for im in images]
+        if any(np.isnan(scores)):
+            from reward_server.scoring import ScoringError
+
+            raise ScoringError(f"non-finite level log-probs for image(s): {scores}")
+        return ScoreBatch(scores=np.asarray(scores, dtype=np.float64))
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.0], ids=["masked", "above-the-fraction"])
+def test_unscorable_rewards_are_masked_counted_and_fail_the_run_only_above_the_fraction(ray_local, tmp_path,
+                                                                                         fraction):
+    """A reward model that answers NaN for some images: each such trajectory is dropped from its
+    update (counted in metrics.jsonl), nothing is retried, the run completes — unless more than
+    reward.max_invalid_fraction of an iteration's trajectories are hit."""
+    from deploy.driver import UnscorableRewards
+    from deploy.outputs import read_metrics
+    from reward_server.http_server import BackgroundServer, RewardHTTPServer
+
+    with BackgroundServer(RewardHTTPServer(_SometimesNaN(), batch_wait_timeout_s=0.0)) as bg:
+        overrides = [o for o in SMALL if not o.startswith("algorithm.reward=")] + [
+            "algorithm.reward=iqa", f"reward.endpoint={bg.url}", "reward.max_retries=3",
+            f"reward.max_invalid_fraction={fraction}", "deploy.iterations=3",
+            f"deploy.output_dir={tmp_path}", "deploy.run_name=r"]
+        cfg = load_config(DEMO, overrides)
+        if fraction == 0.0:
+            with pytest.raises(UnscorableRewards, match="above reward.max_invalid_fraction 0"):
+                _run(cfg)
+            return
+        assert _run(cfg) == 0
+        text = bg.server.metrics.render()[0].decode()
+    recs = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    assert [r["iteration"] for r in recs] == [0, 1, 2]
+    masked = [r["reward/masked"] for r in recs]
+    assert sum(masked) > 0, masked
+    for r in recs:
+        assert r.get("trajectories", 0) + r["reward/masked"] == 4  # rollout.batch_size
+    assert recs[-1]["dropped_total"] == sum(masked)
+    assert 'reward_errors_total{kind="unscorable"}' in text and 'kind="scoring"} 0.0' in text

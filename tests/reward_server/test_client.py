@@ -136,20 +136,48 @@ class _NaNScorer:
         return type("Batch", (), {"scores": np.full(len(images), np.nan), "levels": None})()
 
 
-def test_nan_from_the_scorer_is_a_reward_error(distinct_images):
-    """The server answers 500 (retryable: max_retries more tries), then the client gives up
-    with a RewardError naming the ids; the NaN never becomes a score."""
+def test_nan_from_the_scorer_comes_back_as_nan_and_is_not_retried(distinct_images):
+    """A model whose answer is NaN is deterministic (same image, same weights, same NaN): the
+    server answers 200 with NaN for those images (counted as ``unscorable``), the client hands the
+    NaN on for the driver to mask, and nothing is retried. It never becomes a made-up score."""
     scorer = _NaNScorer()
+    server = RewardHTTPServer(scorer, batch_wait_timeout_s=0.0)
+    with (
+        BackgroundServer(server) as bg,
+        RewardClient.from_endpoint(bg.url, timeout_s=20, max_retries=2, backoff_max_s=0.05) as client,
+    ):
+        scores = client.score(_stack(distinct_images[:2]), ["n0", "n1"])
+        assert np.isnan(scores).all() and scores.shape == (2,)
+        assert client.retries == 0 and scorer.calls == 1
+    text = server.metrics.render()[0].decode()
+    assert 'reward_errors_total{kind="unscorable"} 2.0' in text
+
+
+class _BrokenEngine:
+    """Stub scorer (this test only): the engine itself fails (not the model's answer)."""
+
+    name, version = "stub:broken", "0"
+
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, images):
+        self.calls += 1
+        raise RuntimeError("EngineDeadError: engine core died")
+
+
+def test_an_engine_failure_is_retried_then_a_reward_error(distinct_images):
+    """500 ``scoring`` (the engine failed, maybe transiently): max_retries more tries, then a
+    RewardError naming the ids."""
+    scorer = _BrokenEngine()
     with (
         BackgroundServer(RewardHTTPServer(scorer, batch_wait_timeout_s=0.0)) as bg,
-        RewardClient.from_endpoint(
-            bg.url, timeout_s=20, max_retries=2, backoff_max_s=0.05
-        ) as client,
+        RewardClient.from_endpoint(bg.url, timeout_s=20, max_retries=2, backoff_max_s=0.05) as client,
         pytest.raises(RewardError) as err,
     ):
         client.score(_stack(distinct_images[:2]), ["n0", "n1"])
     msg = str(err.value)
-    assert "'n0'" in msg and "'n1'" in msg and "nan" in msg and "gave up after 3 attempt" in msg
+    assert "'n0'" in msg and "'n1'" in msg and "EngineDeadError" in msg and "gave up after 3 attempt" in msg
     assert scorer.calls >= 3
 
 
@@ -183,13 +211,12 @@ class _StubServer:
 @pytest.mark.parametrize(
     "response, fragment",
     [
-        (ScoreResponse(("a", "b"), (0.5, math.nan), None, "stub", "0"), "non-finite"),
         (ScoreResponse(("a", "b"), (0.5, math.inf), None, "stub", "0"), "non-finite"),
         (ScoreResponse(("a", "b"), (0.5, 1.5), None, "stub", "0"), "out-of-range"),
         (ScoreResponse(("b", "a"), (0.5, 0.5), None, "stub", "0"), "not the ids sent"),
         (ScoreResponse(("a",), (0.5,), None, "stub", "0"), "not the ids sent"),
     ],
-    ids=["nan", "inf", "out_of_range", "ids_swapped", "id_missing"],
+    ids=["inf", "out_of_range", "ids_swapped", "id_missing"],
 )
 def test_bad_responses_are_errors_not_scores(response, fragment):
     with (
@@ -316,3 +343,36 @@ def test_replica_killed_during_load(kill_app, ray_cluster, piqe_scorer, distinct
     print(
         f"replica restart: every score back {recovery_s:.1f} s after the kill, {client.retries} retries"
     )
+
+
+@pytest.mark.slow
+def test_a_replica_restart_longer_than_the_deadline_is_waited_for(kill_app, ray_cluster, piqe_scorer,
+                                                                  distinct_images):
+    """SIGKILL (by PID) of the replica while 8 requests wait in it, with a deadline (2 s) far
+    shorter than Serve takes to start a new replica: the requests wait for it within
+    recovery_timeout_s — no retry of max_retries (0 here) is used — and every score arrives."""
+    import os
+    import signal
+
+    _cfg, handle = kill_app
+    images = distinct_images[:8]
+    expected = piqe_scorer.score(images).scores
+    before = handle.stats.remote().result(timeout_s=30)
+    with RewardClient.from_handle(
+        handle, timeout_s=2.0, max_retries=0, backoff_max_s=1.0, recovery_timeout_s=120
+    ) as client:
+        handles = [client.submit(images[i : i + 1], [f"p{i}"]) for i in range(8)]
+        deadline = time.monotonic() + 10
+        while handle.stats.remote().result(timeout_s=10)["ongoing"] < 8:
+            assert time.monotonic() < deadline, "requests never reached the replica"
+            time.sleep(0.05)
+        os.kill(before["pid"], signal.SIGKILL)
+        start = time.monotonic()
+        scores = np.concatenate(client.gather(handles))
+        recovery_s = time.monotonic() - start
+    np.testing.assert_allclose(scores, expected, atol=1e-6)
+    assert client.unavailable >= 8 and recovery_s > 2.0, (client.unavailable, recovery_s)
+    after = handle.stats.remote().result(timeout_s=30)
+    assert after["pid"] != before["pid"]
+    print(f"replica SIGKILL: every score back {recovery_s:.1f} s after the kill (deadline 2 s), "
+          f"{client.unavailable} attempts found it unavailable")

@@ -301,3 +301,201 @@ def test_cli_serves_from_a_config_file(tmp_path, distinct_images, piqe_scorer, u
             out, _ = proc.communicate(timeout=10)
     assert proc.returncode == 0, out
     assert f"http://127.0.0.1:{port}" in out
+
+
+# ------------------------------------------------------------------------------------ hostile clients
+def _open(bg, payload: bytes):
+    import socket
+
+    s = socket.create_connection((bg.host, bg.port), timeout=10)
+    s.sendall(payload)
+    return s
+
+
+def _read_until_closed(s, timeout_s: float) -> bytes:
+    """Everything the server sends until it closes the connection (or the timeout)."""
+    import socket
+
+    s.settimeout(timeout_s)
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    except (TimeoutError, socket.timeout):
+        return out + b"<still open>"
+    except OSError:
+        pass
+    return out
+
+
+def test_slow_clients_hold_no_queue_slot_and_are_cut_at_their_deadlines(piqe_scorer, distinct_images):
+    """256 slow connections (the issue's slowloris: 128 trickling their request head, 128 their
+    body, a byte every 0.5 s) against a server with only 8 queue slots: a valid client is still
+    served — each of 10 requests within 5 s (stated bound; typically a few ms) — because a request
+    takes a slot only once its body is in. The server cuts the trickling heads at header_timeout_s
+    and answers the trickling bodies 408 at body_timeout_s."""
+    srv = RewardHTTPServer(piqe_scorer, max_batch_size=4, batch_wait_timeout_s=0.0, max_queue=8,
+                           limits=LIMITS, header_timeout_s=2.0, body_timeout_s=2.0)
+    body, ids = _good_body(distinct_images[:2])
+    head_only = b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/msgpack\r\n"
+    slow_body = (b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/msgpack\r\n"
+                 b"Content-Length: 30000\r\n\r\n\x81")
+    with BackgroundServer(srv) as bg:
+        opened = time.monotonic()
+        heads = [_open(bg, head_only) for _ in range(128)]
+        bodies = [_open(bg, slow_body) for _ in range(128)]
+        stop = threading.Event()
+
+        def trickle():
+            while not stop.wait(0.5):
+                for s in heads + bodies:
+                    try:
+                        s.send(b"X-Slow: 1\r\n" if s in heads else b"\x00")
+                    except OSError:
+                        pass
+
+        t = threading.Thread(target=trickle, daemon=True)
+        t.start()
+        try:
+            latencies = []
+            for _ in range(10):
+                t0 = time.monotonic()
+                resp = _post(bg.url, body, MSGPACK, timeout=30)
+                latencies.append(time.monotonic() - t0)
+                assert resp.status_code == 200, resp.text
+                assert list(decode_score_response(resp.content).ids) == ids
+            print(f"valid client under 256 slow connections: max {max(latencies) * 1e3:.0f} ms")
+            assert max(latencies) < 5.0, latencies
+            assert srv.pending == 0  # the slow ones never held a slot
+            served_after = time.monotonic() - opened
+            got_heads = [_read_until_closed(s, 10) for s in heads]
+            got_bodies = [_read_until_closed(s, 10) for s in bodies]
+            cut_after = time.monotonic() - opened
+            print(f"served after {served_after:.1f} s, all cut after {cut_after:.1f} s")
+        finally:
+            stop.set()
+            t.join(5)
+            for s in heads + bodies:
+                s.close()
+        m = _scrape(bg.url)
+    assert all(b"<still open>" not in g for g in got_heads + got_bodies)
+    assert all(g.startswith(b"HTTP/1.1 408") and b'"kind": "timeout"' in g for g in got_bodies), got_bodies[0]
+    assert cut_after < 2.0 + 1.0 + 5, cut_after  # deadline + lingering_time (+ margin for a loaded machine)
+    assert m["restore_rl_reward_errors_total"][(("kind", "timeout"),)] == 128
+    assert m["restore_rl_reward_errors_total"][(("kind", "overloaded"),)] == 0
+
+
+def test_a_stuck_scorer_turns_healthz_degraded_until_it_returns(distinct_images):
+    scorer = _GatedScorer()
+    srv = RewardHTTPServer(scorer, max_batch_size=1, batch_wait_timeout_s=0.0, limits=LIMITS, scorer_stall_s=0.3)
+    body, _ = _good_body(distinct_images[:1])
+    with BackgroundServer(srv) as bg, ThreadPoolExecutor(1) as pool:
+        assert requests.get(bg.url + "/healthz", timeout=10).json()["status"] == "ok"
+        try:
+            held = pool.submit(_post, bg.url, body, MSGPACK)
+            deadline = time.monotonic() + 10
+            while (h := requests.get(bg.url + "/healthz", timeout=10)).status_code == 200:
+                assert time.monotonic() < deadline, "healthz never turned degraded"
+                time.sleep(0.05)
+            assert h.status_code == 503 and h.json()["status"] == "degraded" and "scorer_stall_s" in h.json()["reason"]
+        finally:
+            scorer.gate.set()
+        assert held.result(timeout=30).status_code == 200
+        assert requests.get(bg.url + "/healthz", timeout=10).json()["status"] == "ok"
+
+
+def test_a_client_that_goes_away_mid_body_is_counted_as_aborted_not_internal(piqe_scorer):
+    srv = RewardHTTPServer(piqe_scorer, limits=LIMITS)
+    with BackgroundServer(srv) as bg:
+        s = _open(bg, b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/msgpack\r\n"
+                      b"Content-Length: 1000\r\n\r\n" + b"\x00" * 10)
+        time.sleep(0.2)
+        s.close()
+        deadline = time.monotonic() + 10
+        while (m := _scrape(bg.url))["restore_rl_reward_errors_total"][(("kind", "aborted"),)] < 1:
+            assert time.monotonic() < deadline, "the abort was never counted"
+            time.sleep(0.05)
+    assert m["restore_rl_reward_errors_total"][(("kind", "internal"),)] == 0
+
+
+# ------------------------------------------------------------------------------------ property fuzz
+class _MeanScorer:
+    """Stub scorer of the fuzz (fast, so 2,000 requests take seconds): mean brightness."""
+
+    name, version = "stub:mean", "0"
+
+    def score(self, images):
+        return ScoreBatch(scores=np.array([im.mean() / 255 for im in images], dtype=np.float64))
+
+
+def _fuzz_bodies():
+    from hypothesis import strategies as st
+
+    item = st.fixed_dictionaries(
+        {"id": st.one_of(st.text(max_size=6), st.integers(-3, 3), st.none()),
+         "shape": st.one_of(st.lists(st.integers(-1, 70), max_size=4), st.text(max_size=3)),
+         "dtype": st.sampled_from(["uint8", "float32", "int8", "", "UINT8"]),
+         "data": st.one_of(st.binary(max_size=400), st.integers(-2**40, 2**40))},
+        optional={"extra": st.integers(-2**40, 2**40)},
+    )
+    structured = st.builds(
+        lambda imgs, extra: msgpack.packb({"images": imgs, **extra}, use_bin_type=True),
+        st.one_of(st.lists(item, max_size=6), st.integers(-2**40, 2**40), st.text(max_size=4)),
+        st.dictionaries(st.sampled_from(["model", "x", "images2"]), st.integers(-9, 9), max_size=1),
+    )
+
+    @st.composite
+    def valid_or_mutated(draw):
+        n = draw(st.integers(0, 5))
+        side = draw(st.integers(1, 12))
+        rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+        ids = draw(st.lists(st.text(min_size=1, max_size=4), min_size=n, max_size=n))
+        images = tuple(ImageItem(i, rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for i in ids)
+        try:
+            buf = bytearray(encode_score_request(ScoreRequest(images)))
+        except Exception:  # noqa: BLE001 — e.g. duplicate ids: send the raw msgpack instead
+            buf = bytearray(msgpack.packb({"images": [{"id": i, "shape": [side, side, 3], "dtype": "uint8",
+                                                        "data": bytes(side * side * 3)} for i in ids]}))
+        for _ in range(draw(st.integers(0, 3))):
+            if buf:
+                buf[draw(st.integers(0, len(buf) - 1))] = draw(st.integers(0, 255))
+        return bytes(buf[: draw(st.integers(0, len(buf)))]) if draw(st.booleans()) else bytes(buf)
+
+    return st.one_of(st.binary(max_size=600), structured, valid_or_mutated())
+
+
+def test_fuzzed_score_requests_get_a_documented_status_and_never_an_internal_error():
+    """2,000 generated bodies (random bytes, msgpack with wrong fields and types, valid requests
+    with bytes flipped or cut) to POST /score: each is answered with its documented status and
+    kind (or 200 with the ids it sent), never 500; the server then still scores. Derandomized:
+    the same 2,000 cases in every run."""
+    from hypothesis import HealthCheck, given, settings
+
+    from common.wire import WireError, decode_score_request
+    from reward_server.http_server import STATUS_BY_KIND
+
+    srv = RewardHTTPServer(_MeanScorer(), max_batch_size=16, batch_wait_timeout_s=0.0, limits=LIMITS)
+    seen: dict[int, int] = {}
+    with BackgroundServer(srv) as bg, requests.Session() as http:
+
+        @settings(max_examples=2000, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(_fuzz_bodies())
+        def check(body):
+            resp = http.post(bg.url + "/score", data=body, headers=MSGPACK, timeout=30)
+            seen[resp.status_code] = seen.get(resp.status_code, 0) + 1
+            if resp.status_code == 200:
+                ids = list(decode_score_request(body, LIMITS).images)  # it was a valid request
+                assert list(decode_score_response(resp.content).ids) == [i.id for i in ids]
+                return
+            err = resp.json()
+            assert err["kind"] in STATUS_BY_KIND and STATUS_BY_KIND[err["kind"]] == resp.status_code, err
+            assert err["kind"] not in ("internal", "scoring"), err
+            with pytest.raises(WireError):  # the server refused exactly what the decoder refuses
+                decode_score_request(body, LIMITS)
+
+        check()
+        print("fuzz statuses:", dict(sorted(seen.items())))
+        good, ids = _good_body([np.full((8, 8, 3), 128, np.uint8)])
+        assert list(decode_score_response(_post(bg.url, good, MSGPACK).content).ids) == ids
+    assert sum(seen.values()) >= 2000 and seen.get(200, 0) > 0 and len(seen) >= 3, seen

@@ -125,7 +125,26 @@ def test_score_batch_fails_only_the_bad_image():
     black, grey = np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 51, np.uint8)
     out = score_batch(_OneNaNScorer(), ["ok0", "bad", "ok1"], [grey, black, grey])
     assert out[0] == ScoredImage("ok0", pytest.approx(0.2), None) and out[2].id == "ok1"
-    assert isinstance(out[1], ScoreFailed) and out[1].kind == "scoring" and "'bad'" in str(out[1])
+    # The model's own answer is not a score: unscorable (NaN to the caller, never retried).
+    assert isinstance(out[1], ScoreFailed) and out[1].kind == "unscorable" and "'bad'" in str(out[1])
+
+
+class _CrashingEngine:
+    """Stub scorer (this test only): the engine raises for a batch holding a black image."""
+
+    name, version = "stub:crash", "0"
+
+    def score(self, images):
+        if any(im.max() == 0 for im in images):
+            raise RuntimeError("engine died")
+        return ScoreBatch(scores=np.array([im.mean() / 255 for im in images]))
+
+
+def test_an_engine_error_is_a_retryable_scoring_failure_of_its_image_only():
+    black, grey = np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 51, np.uint8)
+    out = score_batch(_CrashingEngine(), ["ok0", "bad"], [grey, black])
+    assert isinstance(out[0], ScoredImage)
+    assert isinstance(out[1], ScoreFailed) and out[1].kind == "scoring" and "engine died" in str(out[1])
 
 
 @pytest.mark.parametrize(
@@ -341,3 +360,20 @@ def test_rollover_to_a_new_model_changes_every_new_rewards_version_and_fails_no_
     assert all(r.version == new for r in after)
     # Requests issued well after the switch never reach the retired replica.
     assert all(r.version == new for t, r in results if t > switched + 1.0)
+
+
+def test_check_health_fails_only_while_a_scorer_call_is_stuck():
+    """Serve calls check_health every few seconds and replaces a replica whose check raises."""
+    import time
+
+    from reward_server.serve_app import IQAScorer
+
+    cls = IQAScorer.func_or_class
+    replica = cls.__new__(cls)  # the check reads only the call table and the threshold
+    replica.scorer_stall_s, replica._calls = 5.0, {}
+    replica.check_health()  # idle
+    replica._calls = {0: time.monotonic() - 1.0}
+    replica.check_health()  # busy, within the threshold
+    replica._calls[1] = time.monotonic() - 6.0
+    with pytest.raises(RuntimeError, match=r"running for 6 s .*scorer_stall_s 5"):
+        replica.check_health()
