@@ -130,11 +130,16 @@ def test_each_reward_image_is_what_its_action_led_to(tiny_policy, control, polic
     assert torch.equal(tr.reward_images[:, K - 1], tr.final_images)
 
 
-def test_non_finite_scores_are_errors(tiny_policy, control):
-    sink = ThreadPoolSink(lambda images: np.full(len(images), np.nan))
+def test_infinite_scores_are_errors_and_nan_marks_an_unscorable_image(tiny_policy, control):
+    """±inf is garbage from a broken scorer (an error); NaN is the reward model's "not a score"
+    for that image: it reaches the trajectory, where the driver masks it (mask_unscorable)."""
     s = SamplerSettings(num_inference_steps=2, samples_per_input=1, reward_steps="last", policy_target="standard")
-    with pytest.raises(RewardError, match="non-finite"):
+    sink = ThreadPoolSink(lambda images: np.full(len(images), np.inf))
+    with pytest.raises(RewardError, match="infinite"):
         sample_trajectories(tiny_policy, control, [0, 1], s, policy_version=0, seed=0, sink=sink)
+    sink = ThreadPoolSink(lambda images: np.array([0.5, np.nan][: len(images)]))
+    traj = sample_trajectories(tiny_policy, control, [0, 1], s, policy_version=0, seed=0, sink=sink)
+    assert traj.rewards[0, 0] == 0.5 and torch.isnan(traj.rewards[1, 0])
 
 
 def test_bad_control_images_are_rejected(tiny_policy):
