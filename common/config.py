@@ -482,6 +482,13 @@ class LearnerConfig(_Section):
     max_grad_norm: float = F(1.0, description="Gradient-norm clip.", gt=0)
     micro_batch_size: int = F(4, description="Samples per forward/backward (gradient accumulation).", unit="samples", ge=1)
     ppo_epochs: int = F(1, description="Passes over each rollout batch.", unit="epochs", ge=1)
+    recompute_old_log_prob: bool = F(
+        True, description="When the learner holds the weights that sampled the batch (synchronous schedule), log "
+        "pi_old is the learner's own log-prob before its first optimizer step, so the PPO ratio before any update is "
+        "exactly 1 in bf16 as in fp32 (with clip 1e-4, a rollout/learner mismatch of 1e-4 would silently drop the "
+        "gradient). The rollout's log-probs are then only compared: learner/rollout_log_ratio_max, "
+        "learner/rollout_clipfrac (warned above 5%). A stale batch always uses the rollout's.",
+    )
     precision: Literal["fp32", "bf16"] = F("fp32", description="Autocast precision of the update.")
     sft_steps: int = F(
         600, description="Optimizer steps of plain SFT pre-training (mode=sft; the demo's starting policy).",

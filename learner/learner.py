@@ -99,7 +99,13 @@ _S = {name: i for i, name in enumerate([
     "rl_sum", "sft_sum", "kl_sum",  # Σ_i of the unweighted per-sample losses
     "approx_kl_sum", "old_approx_kl_sum", "clipfrac_sum", "entries",  # PPO diagnostics over (i, step)
     "nonfinite",  # micro-batch losses that were NaN/inf (not backpropagated)
+    # π_old recomputed by the learner vs the rollout's recorded log-probs, over (i, step) of the first pass
+    "rollout_absdiff_sum", "rollout_clip_sum", "first_entries",
 ])}
+
+#: Share of first-pass (sample, step) entries whose rollout log-prob is off by more than the clip
+#: range, above which the learner warns (rollout and learner numerics disagree).
+_ROLLOUT_CLIPFRAC_WARN = 0.05
 
 
 class Learner:
@@ -288,7 +294,17 @@ class Learner:
         local = torch.arange(self.rank, B, self.world_size)  # this rank's shard of the batch
         totals = torch.zeros(len(_S), dtype=torch.float64)
         grad_norms, applied = [], 0
-        for _ in range(self.cfg.ppo_epochs):
+        # log π_old [B, K]: the rollout's, or — when this learner still holds the weights that
+        # sampled the batch — its own, filled in by the first pass before any optimizer step.
+        recompute = (self.cfg.recompute_old_log_prob and self.terms.uses_rl
+                     and traj.policy_version == self._version)
+        old_lp = traj.log_probs.clone()
+        known = torch.zeros(B, K, dtype=torch.bool)  # entries of old_lp the learner has recomputed
+        E = self.cfg.ppo_epochs
+        self._rollout_max_abs = 0.0  # max |log π_learner − log π_rollout| of this rank's first pass
+        self._first_max_log_ratio = 0.0  # max |log ρ| of this rank's first pass (before any step)
+        snapshot: list[torch.Tensor] = []
+        for epoch in range(E):
             # Draws for the WHOLE batch, in a fixed order: independent of rank, world size and
             # micro-batching.                          train steps [B, n]; SFT t [B], noise [B, C, h, w]
             train_steps = None
@@ -296,6 +312,12 @@ class Learner:
                 train_steps = select_train_steps(
                     K, traj.deterministic, self.algorithm.timestep_fraction, self.generator, batch_size=B
                 )
+                if recompute and epoch > 0 and not bool(known[local[:, None], train_steps[local]].all()):
+                    # Steps epoch 0 did not train: their π_old is the pre-update policy's, which
+                    # the weights no longer are. Never reached with ppo_epochs=1 (the default).
+                    self._fill_old_log_probs(traj, sched, local, train_steps, old_lp, known, snapshot)
+            if recompute and epoch == 0 and E > 1:
+                snapshot = [p.detach().clone() for p in self.params]  # the sampling weights
             sft_t = sft_noise = None
             if self.terms.uses_sft:
                 sft_t = sample_sft_timesteps(sched.config.num_train_timesteps, B, self.generator)
@@ -303,7 +325,8 @@ class Learner:
             stats = torch.zeros(len(_S), dtype=torch.float64)
             for idx in self._micro_batches(local):
                 self._backward_micro_batch(
-                    traj, sched, gt, idx, B, weights, adv_steps, train_steps, sft_t, sft_noise, stats
+                    traj, sched, gt, idx, B, weights, adv_steps, train_steps, sft_t, sft_noise, stats,
+                    old_lp=old_lp, epoch0=epoch == 0, recompute=recompute, known=known,
                 )
             ok, grad_norm = self._optimizer_step(stats)
             totals += stats
@@ -312,8 +335,21 @@ class Learner:
         if applied:
             self._version += 1
 
-        E = self.cfg.ppo_epochs
         entries = max(totals[_S["entries"]].item(), 1.0)
+        first_entries = totals[_S["first_entries"]].item()  # the rollout_* slots count the first pass only
+        if recompute and first_entries:
+            clipfrac0 = totals[_S["rollout_clip_sum"]].item() / first_entries
+            metrics["learner/rollout_log_ratio_mean_abs"] = totals[_S["rollout_absdiff_sum"]].item() / first_entries
+            metrics["learner/rollout_log_ratio_max"] = self._rollout_max_abs
+            metrics["learner/rollout_clipfrac"] = clipfrac0
+            if clipfrac0 > _ROLLOUT_CLIPFRAC_WARN:
+                log.warning("learner: %.1f%% of (sample, step) entries have a rollout log-prob more than the clip "
+                            "range %.0e from the learner's own (max |log ρ| %.2e): the learner's π_old is used, but "
+                            "rollout and learner numerics disagree (precision? model?)", 100 * clipfrac0,
+                            self.algorithm.clip_range, self._rollout_max_abs)
+        metrics["learner/recomputed_old_log_prob"] = float(recompute)
+        if self.terms.uses_rl:
+            metrics["losses/first_max_abs_log_ratio"] = self._first_max_log_ratio
         for part in ("loss", "rl", "sft", "kl"):
             metrics[f"losses/{'total' if part == 'loss' else part}"] = totals[_S[part]].item() / E
         for part in ("rl", "sft", "kl"):
@@ -347,8 +383,18 @@ class Learner:
         sft_t: torch.Tensor | None,
         sft_noise: torch.Tensor | None,
         stats: torch.Tensor,
+        *,
+        old_lp: torch.Tensor,
+        epoch0: bool = False,
+        recompute: bool = False,
+        known: torch.Tensor | None = None,
     ) -> None:
-        """Accumulate the gradient of this micro-batch's share of L (see the module docstring)."""
+        """Accumulate the gradient of this micro-batch's share of L (see the module docstring).
+
+        ``old_lp`` [B, K]: log π_old. ``epoch0``: the first pass, before any optimizer step of the
+        update. With ``recompute`` the weights are then the ones that sampled the batch: the
+        learner's own detached log-probs become π_old (ratio exactly 1), written to ``old_lp`` and
+        ``known``, and the rollout's recorded ones are only compared."""
         dev = self.device
         control = images_to_tensor(traj.control_images[idx], dev)  # [b, 3, H, W]
         model_fn = self._model_fn(control)
@@ -382,8 +428,21 @@ class Learner:
                         f"σ_t recomputed with η={traj.eta} ({out.std.tolist()}) differs from the trajectory's "
                         f"({recorded.tolist()}): rollout and learner disagree on the schedule or η"
                     )
+                if epoch0:
+                    mine = out.log_prob.detach().float().cpu()  # [b] log π_θ in the learner's numerics
+                    if recompute:
+                        diff = (mine - traj.log_probs[idx, k]).abs()  # [b] vs the rollout's
+                        stats[_S["rollout_absdiff_sum"]] += float(diff.sum())
+                        stats[_S["rollout_clip_sum"]] += float((diff > self.algorithm.clip_range).sum())
+                        stats[_S["first_entries"]] += b
+                        self._rollout_max_abs = max(self._rollout_max_abs, float(diff.max()))
+                        old_lp[idx, k] = mine
+                        known[idx, k] = True  # type: ignore[index]
+                    # |log ρ| PPO sees before any update: 0 when recomputed, the mismatch otherwise.
+                    self._first_max_log_ratio = max(self._first_max_log_ratio,
+                                                    float((mine - old_lp[idx, k]).abs().max()))
                 ppo = ppo_clipped_loss(
-                    out.log_prob[:, None], traj.log_probs[idx, k][:, None].to(dev),
+                    out.log_prob[:, None], old_lp[idx, k][:, None].to(dev),
                     adv_steps[idx, k][:, None].to(dev), self.algorithm.clip_range,
                 )
                 rl_i = ppo.loss / n  # this step's share of L_rl,i                               [b]
@@ -406,6 +465,36 @@ class Learner:
                 kl_coef=self.algorithm.kl_coef, num_samples=m,
             )
             self._accumulate(parts, stats)
+
+    def _fill_old_log_probs(
+        self, traj: Trajectory, sched: Any, local: torch.Tensor, train_steps: torch.Tensor,
+        old_lp: torch.Tensor, known: torch.Tensor, snapshot: list[torch.Tensor],
+    ) -> None:
+        """log π_old of the (sample, step) entries of ``train_steps`` [B, n] not yet in ``known``,
+        for this rank's ``local`` samples: evaluated without gradient under ``snapshot`` (the
+        weights that sampled the batch), then the current weights are put back."""
+        current = [p.detach().clone() for p in self.params]
+        try:
+            with torch.no_grad():
+                for p, w in zip(self.params, snapshot):
+                    p.copy_(w)
+                for idx in self._micro_batches(local):
+                    model_fn = self._model_fn(images_to_tensor(traj.control_images[idx], self.device))
+                    for j in range(train_steps.shape[1]):
+                        k = train_steps[idx, j]  # [b]
+                        todo = ~known[idx, k]  # [b]
+                        if not bool(todo.any()):
+                            continue
+                        out = policy_step(sched, model_fn, traj.latents[idx, k].to(self.device),
+                                          traj.timesteps[k].to(self.device), traj.eta,
+                                          policy_target=self.algorithm.policy_target,
+                                          prev_sample=traj.latents[idx, k + 1].to(self.device))
+                        old_lp[idx[todo], k[todo]] = out.log_prob.float().cpu()[todo]
+                        known[idx[todo], k[todo]] = True
+        finally:
+            with torch.no_grad():
+                for p, w in zip(self.params, current):
+                    p.copy_(w)
 
     def _accumulate(self, parts: Any, stats: torch.Tensor) -> None:
         loss = parts.loss

@@ -121,7 +121,8 @@ def test_non_finite_loss_skips_the_step_and_counts_it(tiny_data_config, tiny_tra
     traj = tiny_trajectory([0, 1], rewards=torch.rand(4, 2, generator=torch.Generator().manual_seed(1)))
     bad = tiny_trajectory([0, 1], rewards=traj.rewards)
     bad.log_probs[0, :] = float("nan")  # → NaN ratio → NaN loss in that micro-batch
-    learner = _learner(tiny_data_config)
+    # The rollout's π_old is read (as for a stale batch): a recomputing learner would not see it.
+    learner = _learner(tiny_data_config, lc={"recompute_old_log_prob": False})
     w0 = _weights(learner)
     m = learner.update(bad)
     assert m["learner/skipped"] == 1 and m["learner/skipped_total"] == 1
@@ -242,3 +243,56 @@ def test_advantage_settings_reach_the_tracker(tiny_data_config, tiny_trajectory)
     assert (a.tracker.advantage_norm, a.tracker.adv_std, a.tracker.std_floor) == ("track+whole_batch", "batch", 0.01)
     a.update(traj), b.update(traj)
     assert any(not torch.equal(w, _weights(b)[name]) for name, w in _weights(a).items())
+
+
+# ------------------------------------------------------------------------------ numerics (bf16)
+@pytest.mark.parametrize("recompute", [True, False], ids=["learner-pi-old", "rollout-pi-old"])
+def test_bf16_learner_ratio_before_any_update_is_exactly_one_when_it_recomputes_pi_old(
+        tiny_data_config, tiny_trajectory, recompute):
+    """An fp32 rollout and a bf16-autocast learner disagree on log π by more than the paper's clip
+    1e-4 (the issue measured 30 % of entries): PPO would drop those gradients before any update.
+    With learner.recompute_old_log_prob the first pass's ratio is 1 to well within 1e-6 and
+    nothing is clipped; the mismatch is still reported (learner/rollout_*)."""
+    traj = tiny_trajectory([0, 1], num_steps=4, rewards=torch.rand(4, 4, generator=torch.Generator().manual_seed(1)))
+    learner = _learner(tiny_data_config, algo={"mode": "rl_only", "kl_coef": 0.0, "clip_range": 1e-4},
+                       lc={"precision": "bf16", "recompute_old_log_prob": recompute})
+    m = learner.update(traj)
+    if recompute:
+        assert m["learner/recomputed_old_log_prob"] == 1.0
+        assert m["losses/first_max_abs_log_ratio"] < 1e-6 and m["losses/clipfrac"] == 0.0
+        assert m["losses/approx_kl"] == pytest.approx(0.0, abs=1e-12)
+        # the rollout/learner mismatch exists and is measured, not hidden
+        assert m["learner/rollout_log_ratio_max"] > 1e-4 and 0 < m["learner/rollout_clipfrac"] <= 1
+    else:
+        assert m["learner/recomputed_old_log_prob"] == 0.0
+        assert m["losses/first_max_abs_log_ratio"] > 1e-4 and m["losses/clipfrac"] > 0.0
+    print(f"recompute={recompute}: first-pass max |log ρ| {m['losses/first_max_abs_log_ratio']:.2e}, "
+          f"clipfrac {m['losses/clipfrac']:.3f}")
+
+
+def test_fp32_recomputed_pi_old_equals_the_rollouts_and_a_stale_batch_keeps_the_rollouts(
+        tiny_data_config, tiny_trajectory):
+    traj = tiny_trajectory([0, 1], rewards=[[0.2, 0.9], [0.4, 0.1], [0.7, 0.3], [0.5, 0.5]])
+    learner = _learner(tiny_data_config)
+    m = learner.update(traj)
+    assert m["learner/recomputed_old_log_prob"] == 1.0 and m["learner/rollout_log_ratio_max"] < 1e-5
+    stale = learner.update(traj)  # sampled by version 0, the learner now holds version 1
+    assert stale["learner/recomputed_old_log_prob"] == 0.0 and "learner/rollout_clipfrac" not in stale
+    assert stale["losses/first_max_abs_log_ratio"] > 0  # the weights moved: ρ ≠ 1, as PPO expects
+
+
+def test_later_ppo_epochs_use_the_sampling_weights_pi_old(tiny_data_config, tiny_trajectory):
+    """ppo_epochs=3, a step fraction of 1/2: later epochs train steps epoch 0 did not; their π_old
+    is evaluated under the weights that sampled the batch. In fp32 that equals the rollout's
+    recorded log-probs, so the update equals one that reads the rollout's π_old throughout."""
+    traj = tiny_trajectory([0, 1], num_steps=4, rewards=torch.rand(4, 4, generator=torch.Generator().manual_seed(2)))
+    runs = {}
+    for recompute in (True, False):
+        learner = _learner(tiny_data_config, algo={"timestep_fraction": 0.5},
+                           lc={"ppo_epochs": 3, "recompute_old_log_prob": recompute})
+        runs[recompute] = (learner.update(traj), _weights(learner))
+    (m1, w1), (m0, w0) = runs[True], runs[False]
+    for key in ("losses/total", "losses/rl", "losses/clipfrac", "losses/old_approx_kl"):
+        assert m1[key] == pytest.approx(m0[key], abs=1e-6), key
+    for name in w1:
+        torch.testing.assert_close(w1[name], w0[name], atol=1e-6, rtol=0)
