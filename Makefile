@@ -48,7 +48,7 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
-	for b in wire_codec rollout reward_service weight_sync system; do $(PY) -m benchmarks.$$b || exit 1; done
+	for b in wire_codec rollout reward_service weight_sync numerics system; do $(PY) -m benchmarks.$$b || exit 1; done
 
 # The CPU study of the paper's comparison (deploy/configs/study_cpu.yaml; about 50 min on 2 cores,
 # with an empty cache): the paper's arms, the trained IQA reward, evaluated on the test split.
