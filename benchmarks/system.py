@@ -61,7 +61,39 @@ def run_ray(out: Path, iterations: int, staleness: int) -> dict:
     stages = {k.split("/", 1)[1]: float(np.mean([r[k] for r in steady]))
               for k in steady[0] if k.startswith("seconds/")}
     trajs = sum(r.get("trajectories", 0) for r in steady)
-    return {"iteration_s": float(np.mean(walls)), "stages": stages, "traj_per_s": trajs / float(np.sum(walls))}
+    return {"iteration_s": float(np.mean(walls)), "stages": stages, "traj_per_s": trajs / float(np.sum(walls)),
+            "driver_bytes": float(np.mean([r.get("driver/trajectory_bytes", 0) for r in recs])),
+            "rollout_bytes": float(np.mean([r.get("rollout/trajectory_bytes", 0) for r in recs]))}
+
+
+def trajectory_bytes(resolution: int, steps: int, reward_steps: int, batch: int, latent_channels: int = 4,
+                     vae_factor: int = 8) -> dict[str, float]:
+    """Bytes per iteration of one rollout batch, by part (the Trajectory's float32/uint8 layout):
+    latents [B, K+1, C, h, w] f32, log-probs [B, K] f32, reward images [B, R, H, W, 3] u8,
+    final + control images 2·[B, H, W, 3] u8, rewards [B, R] f32."""
+    h = resolution // vae_factor
+    return {
+        "latents": batch * (steps + 1) * latent_channels * h * h * 4.0,
+        "log_probs": batch * steps * 4.0,
+        "reward_images": batch * reward_steps * resolution * resolution * 3.0,
+        "final_and_control": 2.0 * batch * resolution * resolution * 3,
+        "rewards": batch * reward_steps * 4.0,
+    }
+
+
+def scale_table(resolution: int = 512, steps: int = 20, reward_steps: int = 20, batch: int = 64) -> dict[str, float]:
+    """Bytes through each role per iteration at the GPU config's shape, before and after the
+    object-store data path (no measurement: the arithmetic of the layout above)."""
+    p = trajectory_bytes(resolution, steps, reward_steps, batch)
+    total = sum(p.values())
+    no_images = total - p["reward_images"]
+    return {
+        "trajectory_bytes": total,
+        # before: the driver ray.get'ed every chunk (total) and ray.put the concatenation (total)
+        "driver_before": 2 * total, "driver_after": 0.0,
+        # each learner fetched the whole batch; now the batch without reward images (IQA reward)
+        "learner_before": total, "learner_after": no_images,
+    }
 
 
 def run_single_process(iterations: int, threads: int | None = None) -> dict:
@@ -127,6 +159,12 @@ def main(argv: list[str] | None = None) -> dict:
     with contextlib.suppress(Exception):
         ray.shutdown()
 
+    sc = scale_table()
+    print_table("bytes per iteration at the GPU config's shape (512 px, K = 20, 20 reward steps, batch 64)",
+                [(role, f"{sc[role + '_before'] / 2**20:.0f}", f"{sc[role + '_after'] / 2**20:.0f}")
+                 for role in ("driver", "learner")], ("role", "MiB before", "MiB after"))
+    print(f"measured here: driver {sync['driver_bytes']:.0f} B of trajectory per iteration "
+          f"(before: {2 * sync['rollout_bytes']:.0f} B = get + put of {sync['rollout_bytes']:.0f} B)")
     print_table("one steady-state iteration of the Ray job (sync schedule), mean seconds per stage",
                 [(k, f"{v:.3f}") for k, v in sync["stages"].items()], ("stage", "seconds"))
     print_table(
@@ -145,6 +183,12 @@ def main(argv: list[str] | None = None) -> dict:
                         "async": round(asyn["iteration_s"], 3),
                         **{f"single_{r['threads']}_threads": round(r["iteration_s"], 3) for r in singles}},
         "single_process_threads": single["threads"],
+        # Trajectory bytes the driver fetched per iteration (0: only summaries cross it) and the
+        # bytes the rollout left in the object store for the learners.
+        "driver_trajectory_bytes_per_iteration": sync["driver_bytes"],
+        "rollout_trajectory_bytes_per_iteration": sync["rollout_bytes"],
+        "driver_trajectory_bytes_per_iteration_before": 2 * sync["rollout_bytes"],
+        "scale_512px_K20_batch64": scale_table(),
         "target_ray_vs_single_process_ratio": 0.9,
     }
     emit("system", figures)

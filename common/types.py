@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Trajectory", "ImageItem", "ScoreRequest", "ScoreResponse", "ShapeError", "LEVEL_NAMES"]
+__all__ = ["Trajectory", "RolloutSummary", "ImageItem", "ScoreRequest", "ScoreResponse", "ShapeError", "LEVEL_NAMES"]
 
 #: Quality levels of Q-Align/DeQA-style scorers, best first (DESIGN.md §3).
 LEVEL_NAMES: tuple[str, ...] = ("excellent", "good", "fair", "poor", "bad")
@@ -111,7 +111,9 @@ class Trajectory:
         _check("sigmas", self.sigmas, torch.float32, (K,))
         _check("final_images", self.final_images, torch.uint8, (B, None, None, 3))
         H, W = self.final_images.shape[1:3]
-        _check("reward_images", self.reward_images, torch.uint8, (B, R, H, W, 3))
+        # Dim 1 may be 0: the images were left out (only the reconstruction reward reads them).
+        _check("reward_images", self.reward_images, torch.uint8,
+               (B, 0 if self.reward_images.dim() == 5 and self.reward_images.shape[1] == 0 else R, H, W, 3))
         _check("rewards", self.rewards, torch.float32, (B, R))
         _check("control_images", self.control_images, torch.uint8, (B, H, W, 3))
         if K is not None and R and (self.reward_steps.min() < 0 or self.reward_steps.max() >= K):
@@ -119,6 +121,21 @@ class Trajectory:
         if not isinstance(self.policy_version, int) or self.policy_version < 0:
             raise ShapeError(f"Trajectory.policy_version: expected an int >= 0, got {self.policy_version!r}")
         return self
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the per-sample tensors (what moving the batch between processes costs)."""
+        return sum(int(t.numel() * t.element_size()) for t in (
+            self.input_ids, self.latents, self.log_probs, self.reward_images, self.rewards, self.final_images,
+            self.control_images))
+
+    def split_reward_images(self) -> tuple["Trajectory", torch.Tensor]:
+        """(this batch without its reward images — reward_images [B, 0, H, W, 3] —, the images
+        uint8 [B, R, H, W, 3]): the learner needs them only for the reconstruction reward."""
+        B, _, H, W, C = self.reward_images.shape
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
+        kwargs.update(reward_images=self.reward_images.new_zeros((B, 0, H, W, C)), extras=dict(self.extras))
+        return Trajectory(**kwargs), self.reward_images
 
     def select(self, rows: torch.Tensor) -> "Trajectory":
         """The trajectories at ``rows`` (bool [B] mask or int64 indices) along B; shared fields
@@ -152,6 +169,31 @@ class Trajectory:
 
 
 # ---------------------------------------------------------------------------------- reward API
+@dataclass(frozen=True)
+class RolloutSummary:
+    """What the driver receives of one rollout chunk (DESIGN.md §1): ids, version, rewards and
+    sizes — a few hundred bytes. The :class:`Trajectory` itself stays in the object store and
+    goes from the worker straight to the learners.
+
+    Attributes:
+        policy_version: the weights version that sampled the chunk.
+        input_ids: int64 [B]. rewards: float32 [B, R] (NaN: unscorable, masked by the driver).
+        reward_versions: {reward-model version: scores} of the chunk (iterative RL).
+        trajectory_bytes: bytes of the trajectory left in the object store (reward images included).
+    """
+
+    policy_version: int
+    input_ids: np.ndarray
+    rewards: np.ndarray
+    reward_versions: dict[str, int]
+    trajectory_bytes: int
+
+    @staticmethod
+    def of(traj: Trajectory) -> "RolloutSummary":
+        return RolloutSummary(int(traj.policy_version), traj.input_ids.numpy().copy(), traj.rewards.numpy().copy(),
+                              dict(traj.extras.get("reward_versions", {})), traj.nbytes)
+
+
 @dataclass(frozen=True)
 class ImageItem:
     """One image to score: ``pixels`` uint8 [H, W, 3] RGB, lossless; ``id`` echoes back."""

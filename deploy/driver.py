@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from common.config import ExperimentConfig, add_config_args, config_from_args
-from common.types import Trajectory
+from common.types import RolloutSummary, Trajectory
 from deploy.outputs import RunDir, plot_curves, sample_grid
 
 log = logging.getLogger("restore_rl.driver")
@@ -54,10 +54,25 @@ class RolloutLaunch:
     """One iteration's rollout in flight: a ref and an input chunk per worker, and the weights
     version the workers held when it was sent."""
 
-    refs: list[Any]
+    refs: list[list[Any]]  # per worker: [summary, trajectory, reward images] refs
     chunks: list[list[int]]
     iteration: int
     version: int
+
+
+@dataclass
+class RolloutChunk:
+    """One worker's share of an iteration: its summary (in the driver) and the refs of its
+    trajectory (reward images left out) and reward images, which stay in the object store."""
+
+    summary: RolloutSummary
+    trajectory: Any
+    images: Any
+
+
+def _sample_split(worker: Any, chunk: list[int], iteration: int) -> list[Any]:
+    """[summary, trajectory, reward images] refs of ``RolloutWorker.sample_split``."""
+    return worker.sample_split.options(num_returns=3).remote(chunk, iteration)
 
 
 class StopRequested(Exception):
@@ -97,25 +112,31 @@ class UnscorableRewards(RuntimeError):
     """More of an iteration's trajectories carry an unscorable reward than reward.max_invalid_fraction."""
 
 
-def mask_unscorable(traj: Trajectory, max_fraction: float, iteration: int) -> tuple[Trajectory, int]:
-    """Drop the trajectories whose rewards [B, R] hold a NaN (the reward model's answer for one
-    of its images was not a score: deterministic, so re-scoring cannot help) from the update.
+def unscorable_rows(rewards: np.ndarray, input_ids: np.ndarray, max_fraction: float, iteration: int) -> np.ndarray:
+    """keep: bool [B] — False for the trajectories whose rewards [B, R] hold a NaN (the reward
+    model's answer for one of its images was not a score: deterministic, so re-scoring cannot
+    help); they are dropped from the update.
 
-    Returns (the trajectories kept, how many were dropped). Raises :class:`UnscorableRewards`,
-    naming the inputs, when more than ``max_fraction`` of the B trajectories are dropped — a reward
-    model that cannot score most images is broken, not noisy."""
-    bad = ~torch.isfinite(traj.rewards).all(dim=1)  # [B]
-    n_bad, B = int(bad.sum()), traj.batch_size
-    if n_bad == 0:
-        return traj, 0
+    Raises :class:`UnscorableRewards`, naming the inputs, when more than ``max_fraction`` of the B
+    trajectories would be dropped — a reward model that cannot score most images is broken, not
+    noisy."""
+    bad = ~np.isfinite(np.asarray(rewards, dtype=np.float64)).all(axis=1)  # [B]
+    n_bad, B = int(bad.sum()), int(bad.shape[0])
     if n_bad > max_fraction * B:
-        ids = sorted({int(i) for i in traj.input_ids[bad]})
+        ids = sorted({int(i) for i in np.asarray(input_ids)[bad]})
         raise UnscorableRewards(
             f"iteration {iteration}: {n_bad} of {B} trajectories have an unscorable reward (the reward model's "
             f"answer was NaN or not a number; input ids {ids[:16]}), above reward.max_invalid_fraction "
             f"{max_fraction:g}: the reward model is broken for these inputs"
         )
-    return traj.select(~bad), n_bad
+    return ~bad
+
+
+def mask_unscorable(traj: Trajectory, max_fraction: float, iteration: int) -> tuple[Trajectory, int]:
+    """:func:`unscorable_rows` applied to a whole batch: (the trajectories kept, how many were dropped)."""
+    keep = unscorable_rows(traj.rewards.numpy(), traj.input_ids.numpy(), max_fraction, iteration)
+    n_bad = int((~keep).sum())
+    return (traj, 0) if n_bad == 0 else (traj.select(torch.from_numpy(keep)), n_bad)
 
 
 def split_evenly(items: list[int], n: int) -> list[list[int]]:
@@ -430,24 +451,38 @@ class Driver:
                             pending = self._launch_rollout(workers, nxt, it + 1)
                         self._at("launched", it)
                         # reward is overlapped: workers gathered scores before returning
-                        trajs = self._gather_rollout(refs, workers, sync)
+                        # Summaries only: each chunk's trajectory and reward images stay in the
+                        # object store, and the learners fetch them (no trajectory tensor here).
+                        chunks = self._gather_rollout(refs, workers, sync)
                     self._at("rollout", it)
                     if self._stop:  # the last point where this iteration can be abandoned
                         raise StopRequested()
+                    summaries = [c.summary for c in chunks]
+                    versions = {s.policy_version for s in summaries}
+                    if len(versions) != 1:
+                        raise RuntimeError(f"iteration {it}: rollout chunks sampled by versions {sorted(versions)}")
+                    batch_version = versions.pop()
+                    rewards = np.concatenate([s.rewards for s in summaries])  # [B, R]
+                    batch_ids = np.concatenate([s.input_ids for s in summaries])  # [B]
+                    B = int(batch_ids.shape[0])
                     reward_versions: dict[str, int] = {}
-                    for t in trajs:
-                        for v, n in t.extras.get("reward_versions", {}).items():
+                    for summary in summaries:
+                        for v, n in summary.reward_versions.items():
                             reward_versions[v] = reward_versions.get(v, 0) + n
-                    traj = Trajectory.concat(trajs)
+                    keep, n_kept = None, B
                     if cfg.algorithm.uses_rl and cfg.algorithm.reward == "iqa":
-                        traj, masked = mask_unscorable(traj, cfg.reward.max_invalid_fraction, it)
+                        keep = unscorable_rows(rewards, batch_ids, cfg.reward.max_invalid_fraction, it)
+                        masked = B - int(keep.sum())
+                        n_kept = B - masked
                         record["reward/masked"] = masked
                         if masked:
                             log.warning("iteration %d: %d trajectories with an unscorable reward masked", it, masked)
                             self.dropped_total += masked
                             self._metric("dropped_trajectories_total", "inc", masked,
                                          {"reason": "unscorable_reward"})
-                        if traj.batch_size == 0:  # every trajectory masked (max_invalid_fraction 1): no update
+                        else:
+                            keep = None
+                        if n_kept == 0:  # every trajectory masked (max_invalid_fraction 1): no update
                             record.update(dropped=masked, dropped_total=self.dropped_total)
                             self.run.append_metrics(record)
                             self._at("record", it)
@@ -455,22 +490,33 @@ class Driver:
                     if reward_versions:
                         record["reward_model_versions"] = reward_versions
                         record["reward_model_index"] = self.reward_model_index
+                    driver_bytes = 0
                     if refresh_every:
-                        recent.append((traj.input_ids.repeat_interleave(traj.reward_images.shape[1]),
-                                       traj.reward_images.flatten(0, 1)))
+                        # Iterative RL labels the policy's reward images here: the one fetch of
+                        # trajectory data into the driver (only with reward.iqa_train.refresh_every).
+                        images = torch.cat(self._get([c.images for c in chunks], stoppable=False))
+                        ids_t = torch.from_numpy(batch_ids)
+                        if keep is not None:
+                            images, ids_t = images[torch.from_numpy(keep)], ids_t[torch.from_numpy(keep)]
+                        driver_bytes += int(images.numel())
+                        recent.append((ids_t.repeat_interleave(images.shape[1]), images.flatten(0, 1)))
+                    record["driver/trajectory_bytes"] = driver_bytes
+                    record["rollout/trajectory_bytes"] = sum(s.trajectory_bytes for s in summaries)
                     learner_version = self._get(learners[0].get_version.remote(), stoppable=False)
-                    staleness = learner_version - traj.policy_version
-                    record.update(staleness=staleness, batch_version=traj.policy_version)
+                    staleness = learner_version - batch_version
+                    record.update(staleness=staleness, batch_version=batch_version)
                     if staleness > cfg.deploy.max_staleness:
-                        self.dropped_total += traj.batch_size
-                        self._metric("dropped_trajectories_total", "inc", traj.batch_size, {"reason": "stale"})
-                        record.update(dropped=traj.batch_size, dropped_total=self.dropped_total)
+                        self.dropped_total += n_kept
+                        self._metric("dropped_trajectories_total", "inc", n_kept, {"reason": "stale"})
+                        record.update(dropped=n_kept, dropped_total=self.dropped_total)
                         self.run.append_metrics(record)
                         self._at("record", it)
                         continue
                     with timer.stage("update"):
-                        traj_ref = ray.put(traj)  # one copy in the object store for all ranks
-                        metrics = self._get([lr.update.remote(traj_ref) for lr in learners], stoppable=False)[0]
+                        parts = [c.trajectory for c in chunks]
+                        images_refs = [c.images for c in chunks] if cfg.algorithm.reward == "reconstruction" else None
+                        metrics = self._get([lr.update_from_store.remote(parts, keep, images_refs) for lr in learners],
+                                            stoppable=False)[0]
                     self._at("update", it)
                     with timer.stage("weight_sync"):
                         sync_info = sync.sync()
@@ -478,8 +524,8 @@ class Driver:
                     self._at("weight_sync", it)
                     record.update(sync_info)
                     record.update(
-                        trajectories=traj.batch_size,
-                        trajectories_per_s=traj.batch_size / max(timer.seconds["rollout"], 1e-9),
+                        trajectories=n_kept,
+                        trajectories_per_s=n_kept / max(timer.seconds["rollout"], 1e-9),
                     )
                 record.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})
                 if refresh_every and (it + 1) % refresh_every == 0 and it + 1 < cfg.deploy.iterations and recent:
@@ -518,7 +564,7 @@ class Driver:
             return 0
         progress.close()
         if pending is not None:
-            ray.get(pending)
+            ray.get([r for refs in pending.refs for r in refs])
         self._finish(workers, preview_ids, final=True)
         return 0
 
@@ -550,11 +596,12 @@ class Driver:
         # Each worker gets a contiguous chunk of the inputs; chunks are sampled in parallel. A
         # worker runs its calls in order, so in async mode the next batch queues behind this one.
         chunks = split_evenly(ids, len(workers))
-        refs = [w.sample.remote(chunk, it) for w, chunk in zip(workers, chunks)]
+        refs = [_sample_split(w, chunk, it) for w, chunk in zip(workers, chunks)]
         return RolloutLaunch(refs, chunks, it, self._worker_version)
 
-    def _gather_rollout(self, launch: RolloutLaunch, workers: list[Any], sync: Any) -> list[Trajectory]:
-        """The launch's trajectories; a chunk whose worker died (Ray restarts it: ``max_restarts``)
+    def _gather_rollout(self, launch: RolloutLaunch, workers: list[Any], sync: Any) -> list[RolloutChunk]:
+        """The launch's chunks (the summary fetched; trajectory and reward images left as refs in
+        the object store); a chunk whose worker died (Ray restarts it: ``max_restarts``)
         or came back holding other weights than it was launched with (restarted before it ran)
         is re-sent after the current weights are pushed to every worker. Its trajectories are the
         ones the dead worker would have returned: the seeds depend on the inputs and the round,
@@ -569,14 +616,14 @@ class Driver:
                 if out[i] is not None:
                     continue
                 try:
-                    t = self._get(ref)
+                    summary = self._get(ref[0])
                 except ray.exceptions.RayActorError as err:
                     failed.append((i, f"died ({type(err).__name__})"))
                     continue
-                if t.policy_version != expected[i]:
-                    failed.append((i, f"sampled with weights v{t.policy_version}, launched at v{expected[i]}"))
+                if summary.policy_version != expected[i]:
+                    failed.append((i, f"sampled with weights v{summary.policy_version}, launched at v{expected[i]}"))
                     continue
-                out[i] = t
+                out[i] = RolloutChunk(summary, ref[1], ref[2])
             if not failed:
                 return out  # type: ignore[return-value]
             if attempt == self.cfg.rollout.max_restarts:
@@ -593,7 +640,7 @@ class Driver:
                 version = int(sync.resend()["weight_sync/version"])
                 self._worker_version = version
             for i, _ in failed:
-                refs[i], expected[i] = workers[i].sample.remote(launch.chunks[i], launch.iteration), version
+                refs[i], expected[i] = _sample_split(workers[i], launch.chunks[i], launch.iteration), version
         raise RuntimeError(
             f"iteration {launch.iteration}: rollout worker(s) {[i for i, _ in failed]} failed "
             f"{self.cfg.rollout.max_restarts + 1} times ({'; '.join(w for _, w in failed)}); "

@@ -242,6 +242,9 @@ class Learner:
     def _rewards(self, traj: Trajectory, gt: torch.Tensor) -> torch.Tensor:
         """r [B, R] (§2.3)."""
         if self.algorithm.reward == "reconstruction":
+            if traj.reward_images.shape[1] != traj.reward_steps.shape[0]:
+                raise ValueError("algorithm.reward=reconstruction needs the trajectory's reward images; this batch "
+                                 f"carries {traj.reward_images.shape[1]} of {traj.reward_steps.shape[0]} steps")
             return reconstruction_reward(traj.reward_images, gt)
         r = traj.rewards
         bad = ~torch.isfinite(r)
@@ -253,6 +256,30 @@ class Learner:
                 "algorithm.reward=iqa needs every score gathered from the reward service (never a silent 0)"
             )
         return r
+
+    def update_from_store(self, parts: Sequence[Any], keep: Any = None,
+                          reward_images: Sequence[Any] | None = None) -> dict[str, float]:
+        """:meth:`update` on a batch the rollout workers left in the object store (DESIGN.md §1):
+        the driver passes only references, so no trajectory tensor crosses the driver.
+
+        Args:
+            parts: ``[ObjectRef]`` (or Trajectory) per rollout chunk, reward images left out.
+            keep: bool [B] over the concatenated chunks (the driver's mask of unscorable rewards);
+                None keeps all.
+            reward_images: ``[ObjectRef]`` per chunk, uint8 [b, R, H, W, 3] — fetched only when
+                given (the reconstruction reward reads them).
+        """
+        trajs = _fetch(list(parts))
+        if reward_images is not None:
+            for t, images in zip(trajs, _fetch(list(reward_images))):
+                t.reward_images = images
+        traj = Trajectory.concat(trajs)
+        if keep is not None:
+            keep = torch.as_tensor(np.asarray(keep), dtype=torch.bool)
+            if keep.shape != (traj.batch_size,):
+                raise ValueError(f"keep: expected bool [{traj.batch_size}], got {list(keep.shape)}")
+            traj = traj.select(keep)
+        return self.update(traj)
 
     def update(self, traj: Trajectory) -> dict[str, float]:
         """One learner update on a rollout batch (module docstring); returns metrics.
@@ -788,6 +815,17 @@ def create_learners(
         addr, port = ray.get(actors[0].distributed_address.remote(), timeout=timeout_s)
         ray.get([a.init_distributed.remote(addr, port, timeout_s) for a in actors], timeout=timeout_s + 30)
     return actors
+
+
+def _fetch(items: list[Any]) -> list[Any]:
+    """ObjectRefs -> their values (one ray.get); anything else is passed through (in-process use)."""
+    refs = [i for i in items if type(i).__name__ == "ObjectRef"]
+    if not refs:
+        return items
+    import ray
+
+    values = iter(ray.get(refs))
+    return [next(values) if type(i).__name__ == "ObjectRef" else i for i in items]
 
 
 class LearnerGroup:

@@ -17,7 +17,7 @@ import torch
 from common.config import AlgorithmConfig, DataConfig, ModelConfig, RolloutConfig
 from common.data import build_dataset
 from common.policy import build_policy
-from common.types import Trajectory
+from common.types import RolloutSummary, Trajectory
 from rollout.reward_sink import RewardSink
 from rollout.sampler import SamplerSettings, sample_trajectories
 
@@ -169,6 +169,17 @@ class RolloutWorker:
             self._metrics["rollout_trajectory_seconds"].observe(time.perf_counter() - t0)
         return traj
 
+
+    def sample_split(self, input_ids: Sequence[int], round_index: int = 0) -> tuple[RolloutSummary, Trajectory,
+                                                                                    torch.Tensor]:
+        """:meth:`sample`, returned as three objects (the driver calls it with ``num_returns=3``):
+        the small :class:`RolloutSummary` the driver reads, the trajectory without its reward
+        images, and the reward images uint8 [B, R, H, W, 3]. The last two stay in the object
+        store: the learners fetch the trajectory themselves, and the reward images only where a
+        reward needs them (reconstruction; iterative RL's refresh in the driver)."""
+        traj = self.sample(input_ids, round_index)
+        light, images = traj.split_reward_images()
+        return RolloutSummary.of(traj), light, images
 
     def sample_preview(self, input_ids: Sequence[int], round_index: int) -> dict[str, np.ndarray]:
         """One sample per input, for before/after grids: LQ, output, GT, uint8 [N, H, W, 3] each.

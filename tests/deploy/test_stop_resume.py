@@ -266,4 +266,6 @@ def test_unscorable_rewards_are_masked_counted_and_fail_the_run_only_above_the_f
     for r in recs:
         assert r.get("trajectories", 0) + r["reward/masked"] == 4  # rollout.batch_size
     assert recs[-1]["dropped_total"] == sum(masked)
+    # Only summaries crossed the driver: the trajectories went worker -> object store -> learner.
+    assert all(r["driver/trajectory_bytes"] == 0 and r["rollout/trajectory_bytes"] > 0 for r in recs)
     assert 'reward_errors_total{kind="unscorable"}' in text and 'kind="scoring"} 0.0' in text

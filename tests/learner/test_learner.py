@@ -296,3 +296,32 @@ def test_later_ppo_epochs_use_the_sampling_weights_pi_old(tiny_data_config, tiny
         assert m1[key] == pytest.approx(m0[key], abs=1e-6), key
     for name in w1:
         torch.testing.assert_close(w1[name], w0[name], atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------ data path
+def test_update_from_store_equals_update_on_the_concatenated_kept_batch(tiny_data_config, tiny_trajectory):
+    """The chunks the workers leave in the object store (here passed in-process), reward images
+    split off, the driver's keep mask applied: the same update as on the whole batch, selected."""
+    from common.types import RolloutSummary, Trajectory
+
+    a = tiny_trajectory([0, 1], rewards=[[0.2, 0.9], [0.4, 0.1], [0.7, 0.3], [0.5, 0.5]])
+    b = tiny_trajectory([2], rewards=[[0.6, 0.2], [0.1, 0.8]])
+    keep = [True, False, True, True, True, False]
+    want = _learner(tiny_data_config).update(Trajectory.concat([a, b]).select(torch.tensor(keep)))
+    parts = [a.split_reward_images()[0], b.split_reward_images()[0]]
+    assert parts[0].reward_images.shape[1] == 0 and parts[0].validate() is parts[0]
+    assert parts[0].nbytes < a.nbytes and RolloutSummary.of(a).trajectory_bytes == a.nbytes
+    got = _learner(tiny_data_config).update_from_store(parts, keep)
+    assert _metrics(got) == pytest.approx(_metrics(want), abs=1e-6)
+    assert got["learner/batch_size"] == 4
+
+
+def test_reconstruction_reward_needs_the_split_off_images(tiny_data_config, tiny_trajectory):
+    traj = tiny_trajectory([0, 1])
+    light, images = traj.split_reward_images()
+    learner = _learner(tiny_data_config, algo={"reward": "reconstruction"})
+    with pytest.raises(ValueError, match="needs the trajectory's reward images"):
+        learner.update_from_store([light])
+    want = _learner(tiny_data_config, algo={"reward": "reconstruction"}).update(traj)
+    got = learner.update_from_store([light], None, [images])
+    assert _metrics(got) == pytest.approx(_metrics(want), abs=1e-6)
