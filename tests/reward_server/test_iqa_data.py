@@ -147,3 +147,25 @@ def test_rated_folder_loads_and_names_bad_files(tmp_path):
 def test_examples_check_their_lengths():
     with pytest.raises(IQADataError, match="2 images but 1 labels"):
         IQAExamples(_images(2), np.array([0.5]), ["gt", "gt"], ["a", "a"])
+
+
+def test_package_photos_load_offline_and_are_real_colour_photographs():
+    from reward_server.iqa_data import PYIQA_PHOTOS, iqa_photo
+
+    for name in PYIQA_PHOTOS:
+        img = iqa_photo(name)
+        assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and min(img.shape[:2]) >= 384, name
+        assert img.std() > 20 and np.abs(img[..., 0].astype(int) - img[..., 2]).mean() > 5, name  # colour, not flat
+    with pytest.raises(IQADataError, match="not installed"):
+        from reward_server.iqa_data import _package_file
+
+        _package_file("no-such-distribution-xyz", "a.png")
+
+
+def test_crop_scale_defaults_to_the_old_recipe_and_is_checked():
+    a = build_iqa_examples(["coffee"], resolution=32, crops_per_photo=1, seed=0, degraded_per_crop=0)
+    b = build_iqa_examples(["coffee"], resolution=32, crops_per_photo=1, seed=0, degraded_per_crop=0,
+                           crop_scale=(0.5, 1.0))
+    np.testing.assert_array_equal(a.images, b.images)  # the default is the old recipe
+    with pytest.raises(ValueError, match="crop_scale"):
+        build_iqa_examples(["coffee"], resolution=32, crops_per_photo=1, seed=0, crop_scale=(0.0, 1.0))
