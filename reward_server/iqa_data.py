@@ -43,6 +43,7 @@ from common.types import LEVEL_NAMES
 __all__ = [
     "IQA_HELD_OUT_PHOTOS",
     "IQA_TRAIN_PHOTOS",
+    "IQA_VALIDATION_PHOTOS",
     "IQADataError",
     "PYIQA_PHOTOS",
     "IQAExamples",
@@ -59,6 +60,22 @@ __all__ = [
 
 ExampleKind = Literal["gt", "degraded", "lq", "restored", "rated", "policy"]
 
+#: Colour photographs that ship inside the pyiqa wheel (a requirement of the project): the five
+#: reference images of its calibration set (``ResultsCalibra/ref_dir``, 512×384, the Kodak-style
+#: references of the TID2013/KADID family) and the four photos of its efficiency test
+#: (``tests/test_efficiency_img_dir``, about 1000 px). Name -> path inside the distribution.
+PYIQA_PHOTOS: dict[str, str] = {
+    "caps": "ResultsCalibra/ref_dir/I03.bmp",
+    "red_hat": "ResultsCalibra/ref_dir/I04.bmp",
+    "sailboat": "ResultsCalibra/ref_dir/I06.bmp",
+    "houses": "ResultsCalibra/ref_dir/I08.bmp",
+    "lighthouse": "ResultsCalibra/ref_dir/I19.bmp",
+    "night_road": "tests/test_efficiency_img_dir/SPAQ_10241.jpg",
+    "garden": "tests/test_efficiency_img_dir/frame_4wrwr48cdk6rbcjl.jpg",
+    "sunset": "tests/test_efficiency_img_dir/frame_7gzdcz9sif0ekg31.jpg",
+    "snow_traffic": "tests/test_efficiency_img_dir/frame_9ogwhvvy7gfj6jzh.jpg",
+}
+
 #: The RL training photos plus photos no RL split uses (all from ``skimage.data``). Never one of
 #: common.data.TEST_PHOTOS (nor skimage's ``cat``, which is the ``chelsea`` photo of the test split).
 IQA_TRAIN_PHOTOS: tuple[str, ...] = TRAIN_PHOTOS + ("retina", "hubble_deep_field", "grass", "clock", "cell")
@@ -66,8 +83,13 @@ IQA_TRAIN_PHOTOS: tuple[str, ...] = TRAIN_PHOTOS + ("retina", "hubble_deep_field
 #: photographs from other packages: scikit-learn's sample images and matplotlib's sample data.
 IQA_HELD_OUT_PHOTOS: tuple[str, ...] = ("china", "flower", "grace_hopper")
 
+#: Chooses the training step whose weights are kept (``select_every``): the pyiqa photos, in
+#: neither the training nor the held-out set, so the held-out metric stays untouched by selection.
+IQA_VALIDATION_PHOTOS: tuple[str, ...] = tuple(PYIQA_PHOTOS)
+
 assert not set(IQA_TRAIN_PHOTOS) & set(TEST_PHOTOS), "IQA training photos overlap the RL test split"
 assert not set(IQA_HELD_OUT_PHOTOS) & (set(TEST_PHOTOS) | set(IQA_TRAIN_PHOTOS))
+assert not set(IQA_VALIDATION_PHOTOS) & (set(TEST_PHOTOS) | set(IQA_TRAIN_PHOTOS) | set(IQA_HELD_OUT_PHOTOS))
 
 #: Graded severities in (0, 1] at which every degradation of :func:`degrade_at` is applied.
 DEFAULT_SEVERITIES: tuple[float, ...] = (0.15, 0.4, 0.7, 1.0)
@@ -218,23 +240,6 @@ def _crop(
     y0, x0 = int(rng.integers(0, H - side + 1)), int(rng.integers(0, W - side + 1))
     gt = _resize(np.ascontiguousarray(photo[y0 : y0 + side, x0 : x0 + side]), resolution, resolution)
     return np.ascontiguousarray(gt[:, ::-1]) if rng.random() < 0.5 else gt
-
-
-#: Colour photographs that ship inside the pyiqa wheel (a requirement of the project): the five
-#: reference images of its calibration set (``ResultsCalibra/ref_dir``, 512×384, the Kodak-style
-#: references of the TID2013/KADID family) and the four photos of its efficiency test
-#: (``tests/test_efficiency_img_dir``, about 1000 px). Name -> path inside the distribution.
-PYIQA_PHOTOS: dict[str, str] = {
-    "caps": "ResultsCalibra/ref_dir/I03.bmp",
-    "red_hat": "ResultsCalibra/ref_dir/I04.bmp",
-    "sailboat": "ResultsCalibra/ref_dir/I06.bmp",
-    "houses": "ResultsCalibra/ref_dir/I08.bmp",
-    "lighthouse": "ResultsCalibra/ref_dir/I19.bmp",
-    "night_road": "tests/test_efficiency_img_dir/SPAQ_10241.jpg",
-    "garden": "tests/test_efficiency_img_dir/frame_4wrwr48cdk6rbcjl.jpg",
-    "sunset": "tests/test_efficiency_img_dir/frame_7gzdcz9sif0ekg31.jpg",
-    "snow_traffic": "tests/test_efficiency_img_dir/frame_9ogwhvvy7gfj6jzh.jpg",
-}
 
 
 def _package_file(distribution: str, relative: str) -> Path:

@@ -86,9 +86,26 @@ def test_graded_severity_lowers_the_label_monotonically():
 
 
 def test_iqa_photos_are_disjoint_from_the_rl_test_split():
+    from reward_server.iqa_data import IQA_VALIDATION_PHOTOS
+
     assert not set(IQA_TRAIN_PHOTOS) & set(TEST_PHOTOS)
     assert not set(IQA_HELD_OUT_PHOTOS) & (set(TEST_PHOTOS) | set(IQA_TRAIN_PHOTOS))
+    assert not set(IQA_VALIDATION_PHOTOS) & (set(TEST_PHOTOS) | set(IQA_TRAIN_PHOTOS) | set(IQA_HELD_OUT_PHOTOS))
     assert "cat" not in IQA_TRAIN_PHOTOS + IQA_HELD_OUT_PHOTOS  # skimage's cat is the chelsea photo
+
+
+def test_validation_photos_are_not_copies_of_other_photos():
+    """Disjoint by content, not only by name: no validation photo equals (at 32 px) a training,
+    held-out or RL test photo."""
+    from reward_server.iqa_data import IQA_VALIDATION_PHOTOS, iqa_photo
+
+    def thumb(name):
+        return np.asarray(Image.fromarray(iqa_photo(name)).resize((32, 32)), dtype=np.float64)
+
+    others = [thumb(n) for n in IQA_TRAIN_PHOTOS + IQA_HELD_OUT_PHOTOS + TEST_PHOTOS]
+    for name in IQA_VALIDATION_PHOTOS:
+        v = thumb(name)
+        assert min(np.abs(v - o).mean() for o in others) > 10, name
 
 
 def test_build_examples_kinds_labels_and_restorer():
