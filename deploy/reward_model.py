@@ -156,7 +156,12 @@ def ensure_trained_reward(cfg: ExperimentConfig, *, progress: bool = True) -> Pa
     The base policy is ``cfg.model`` as built (with ``model.init_checkpoint``): the policy RL
     starts from. Its restorations of training (and held-out) photos join the data.
     """
-    from reward_server.iqa_data import IQA_HELD_OUT_PHOTOS, IQA_TRAIN_PHOTOS, IQA_VALIDATION_PHOTOS, load_rated_folder
+    from reward_server.iqa_data import (
+        IQA_HELD_OUT_PHOTOS,
+        IQA_TRAIN_PHOTOS,
+        IQA_VALIDATION_PHOTOS,
+        load_rated_folder,
+    )
     from reward_server.iqa_train import RECIPE_VERSION, ensure_iqa_model, read_card
 
     t = cfg.reward.iqa_train
