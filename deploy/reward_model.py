@@ -116,11 +116,15 @@ def label_source(spec: str) -> LabelSource:
     return obj
 
 
-def train_settings(t: IQATrainConfig, *, steps: int | None = None):
+def train_settings(t: IQATrainConfig, *, refresh: bool = False):
+    """The first training's settings, or (``refresh``) a refresh's: ``refresh_steps``, and the
+    plain mix (``restored_repeat`` 1: the fresh policy images are the point of a refresh, and the
+    replay's restorations are not multiplied over them)."""
     from reward_server.iqa_train import IQATrainSettings
 
-    return IQATrainSettings(steps=steps or t.steps, batch_size=t.batch_size, lr=t.lr, min_srcc=t.min_srcc,
-                            seed=t.seed, grey_fraction=t.grey_fraction)
+    return IQATrainSettings(steps=t.refresh_steps if refresh else t.steps, batch_size=t.batch_size, lr=t.lr,
+                            min_srcc=t.min_srcc, seed=t.seed, grey_fraction=t.grey_fraction,
+                            restored_repeat=1 if refresh else t.restored_repeat, select_every=t.select_every)
 
 
 def iqa_base_model(cfg: ExperimentConfig) -> Path:
@@ -152,7 +156,12 @@ def ensure_trained_reward(cfg: ExperimentConfig, *, progress: bool = True) -> Pa
     The base policy is ``cfg.model`` as built (with ``model.init_checkpoint``): the policy RL
     starts from. Its restorations of training (and held-out) photos join the data.
     """
-    from reward_server.iqa_data import IQA_HELD_OUT_PHOTOS, IQA_TRAIN_PHOTOS, load_rated_folder
+    from reward_server.iqa_data import (
+        IQA_HELD_OUT_PHOTOS,
+        IQA_TRAIN_PHOTOS,
+        IQA_VALIDATION_PHOTOS,
+        load_rated_folder,
+    )
     from reward_server.iqa_train import RECIPE_VERSION, ensure_iqa_model, read_card
 
     t = cfg.reward.iqa_train
@@ -168,11 +177,14 @@ def ensure_trained_reward(cfg: ExperimentConfig, *, progress: bool = True) -> Pa
         "sampler": [cfg.rollout.num_inference_steps, cfg.rollout.eta, cfg.algorithm.policy_target],
         "seed": t.seed, "data_recipe": RECIPE_VERSION,
     }
+    if t.select_every:  # the validation set exists only when it chooses the step
+        data_key |= {"validation_photos": list(IQA_VALIDATION_PHOTOS),
+                     "validation_crops_per_photo": t.validation_crops_per_photo}
     settings = train_settings(t)
     out_dir = Path(cfg.reward.cache_dir).expanduser().resolve() / "iqa"
     trained: list[bool] = []
 
-    def make_data() -> tuple[IQAExamples, IQAExamples]:  # called only when no cached model fits
+    def make_data() -> tuple[IQAExamples, IQAExamples, IQAExamples | None]:  # only when no cached model fits
         trained.append(True)
         if progress:
             print(f"[iqa] training the IQA reward model ({settings.steps} steps from {base}) -> {out_dir}", flush=True)
@@ -185,10 +197,13 @@ def ensure_trained_reward(cfg: ExperimentConfig, *, progress: bool = True) -> Pa
             train = IQAExamples.concat([train, load_rated_folder(t.ratings_dir, cfg.data.resolution)])
         held_restored = max(1, t.restored_inputs // 4) if t.restored_inputs else 0
         held = _examples(cfg, IQA_HELD_OUT_PHOTOS, t.held_out_crops_per_photo, t.seed + 1, restorer, held_restored)
+        val = (_examples(cfg, IQA_VALIDATION_PHOTOS, t.validation_crops_per_photo, t.seed + 2, restorer, held_restored)
+               if t.select_every else None)
         if progress:
-            print(f"[iqa] data: {len(train)} training images {train.counts()}, {len(held)} held-out "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        return train, held
+            print(f"[iqa] data: {len(train)} training images {train.counts()}, {len(held)} held-out"
+                  + ("" if val is None else f", {len(val)} validation") + f" ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+        return train, held, val
 
     t0 = time.perf_counter()
     folder = ensure_iqa_model(out_dir, base_model=base, preset=cfg.reward.preset, make_data=make_data,
@@ -259,7 +274,7 @@ def refresh_reward_model(
     try:
         folder = ensure_iqa_model(Path(cfg.reward.cache_dir).expanduser().resolve() / "iqa", base_model=parent,
                                   preset=cfg.reward.preset, make_data=make_data, data_key=data_key,
-                                  settings=train_settings(t, steps=t.refresh_steps), version=version,
+                                  settings=train_settings(t, refresh=True), version=version,
                                   parent=str(parent), check_vllm=cfg.reward.backend == "vllm")
     except IQATrainingError as err:
         raise RefreshRejected(f"v{version}: {str(err)[:200]}") from None

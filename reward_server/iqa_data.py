@@ -43,6 +43,8 @@ from common.types import LEVEL_NAMES
 __all__ = [
     "IQA_HELD_OUT_PHOTOS",
     "IQA_TRAIN_PHOTOS",
+    "IQA_VALIDATION_PHOTOS",
+    "PYIQA_PHOTOS",
     "IQADataError",
     "IQAExamples",
     "LabelSource",
@@ -58,6 +60,22 @@ __all__ = [
 
 ExampleKind = Literal["gt", "degraded", "lq", "restored", "rated", "policy"]
 
+#: Colour photographs that ship inside the pyiqa wheel (a requirement of the project): the five
+#: reference images of its calibration set (``ResultsCalibra/ref_dir``, 512×384, the Kodak-style
+#: references of the TID2013/KADID family) and the four photos of its efficiency test
+#: (``tests/test_efficiency_img_dir``, about 1000 px). Name -> path inside the distribution.
+PYIQA_PHOTOS: dict[str, str] = {
+    "caps": "ResultsCalibra/ref_dir/I03.bmp",
+    "red_hat": "ResultsCalibra/ref_dir/I04.bmp",
+    "sailboat": "ResultsCalibra/ref_dir/I06.bmp",
+    "houses": "ResultsCalibra/ref_dir/I08.bmp",
+    "lighthouse": "ResultsCalibra/ref_dir/I19.bmp",
+    "night_road": "tests/test_efficiency_img_dir/SPAQ_10241.jpg",
+    "garden": "tests/test_efficiency_img_dir/frame_4wrwr48cdk6rbcjl.jpg",
+    "sunset": "tests/test_efficiency_img_dir/frame_7gzdcz9sif0ekg31.jpg",
+    "snow_traffic": "tests/test_efficiency_img_dir/frame_9ogwhvvy7gfj6jzh.jpg",
+}
+
 #: The RL training photos plus photos no RL split uses (all from ``skimage.data``). Never one of
 #: common.data.TEST_PHOTOS (nor skimage's ``cat``, which is the ``chelsea`` photo of the test split).
 IQA_TRAIN_PHOTOS: tuple[str, ...] = TRAIN_PHOTOS + ("retina", "hubble_deep_field", "grass", "clock", "cell")
@@ -65,8 +83,13 @@ IQA_TRAIN_PHOTOS: tuple[str, ...] = TRAIN_PHOTOS + ("retina", "hubble_deep_field
 #: photographs from other packages: scikit-learn's sample images and matplotlib's sample data.
 IQA_HELD_OUT_PHOTOS: tuple[str, ...] = ("china", "flower", "grace_hopper")
 
+#: Chooses the training step whose weights are kept (``select_every``): the pyiqa photos, in
+#: neither the training nor the held-out set, so the held-out metric stays untouched by selection.
+IQA_VALIDATION_PHOTOS: tuple[str, ...] = tuple(PYIQA_PHOTOS)
+
 assert not set(IQA_TRAIN_PHOTOS) & set(TEST_PHOTOS), "IQA training photos overlap the RL test split"
 assert not set(IQA_HELD_OUT_PHOTOS) & (set(TEST_PHOTOS) | set(IQA_TRAIN_PHOTOS))
+assert not set(IQA_VALIDATION_PHOTOS) & (set(TEST_PHOTOS) | set(IQA_TRAIN_PHOTOS) | set(IQA_HELD_OUT_PHOTOS))
 
 #: Graded severities in (0, 1] at which every degradation of :func:`degrade_at` is applied.
 DEFAULT_SEVERITIES: tuple[float, ...] = (0.15, 0.4, 0.7, 1.0)
@@ -205,24 +228,43 @@ def _to_u8(x: np.ndarray) -> np.ndarray:
     return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def _crop(photo: np.ndarray, resolution: int, rng: np.random.Generator) -> np.ndarray:
-    """A random square of 50–100 % of the shorter side, resized to resolution², maybe mirrored
-    (the same recipe as :class:`common.data.SyntheticRestorationDataset`)."""
+def _crop(
+    photo: np.ndarray, resolution: int, rng: np.random.Generator, scale: tuple[float, float] = (0.5, 1.0)
+) -> np.ndarray:
+    """A random square of ``scale`` (fractions, default 50–100 %) of the shorter side, resized to
+    resolution², maybe mirrored (the default is the recipe of
+    :class:`common.data.SyntheticRestorationDataset`). uint8 [H, W, 3] -> [res, res, 3]."""
     H, W = photo.shape[:2]
     short = min(H, W)
-    side = max(int(rng.uniform(0.5, 1.0) * short), min(resolution, short))
+    side = max(int(rng.uniform(*scale) * short), min(resolution, short))
     y0, x0 = int(rng.integers(0, H - side + 1)), int(rng.integers(0, W - side + 1))
     gt = _resize(np.ascontiguousarray(photo[y0 : y0 + side, x0 : x0 + side]), resolution, resolution)
     return np.ascontiguousarray(gt[:, ::-1]) if rng.random() < 0.5 else gt
 
 
+def _package_file(distribution: str, relative: str) -> Path:
+    """A file installed by ``distribution`` (from its RECORD; nothing is downloaded)."""
+    import importlib.metadata
+
+    try:
+        path = Path(str(importlib.metadata.distribution(distribution).locate_file(relative)))
+    except importlib.metadata.PackageNotFoundError:
+        raise IQADataError(f"photo {relative!r} ships in the {distribution!r} package, which is not installed") from None
+    if not path.is_file():
+        raise IQADataError(f"photo {path}: missing from the installed {distribution!r} package")
+    return path
+
+
 @functools.cache
 def iqa_photo(name: str) -> np.ndarray:
-    """uint8 [H, W, 3]: ``china``/``flower`` (scikit-learn), ``grace_hopper`` (matplotlib), else a
-    photo of ``skimage.data`` (:func:`common.data._photo`). All ship inside the packages."""
+    """uint8 [H, W, 3]: ``china``/``flower`` (scikit-learn), ``grace_hopper`` (matplotlib), the
+    names of :data:`PYIQA_PHOTOS` (pyiqa), else a photo of ``skimage.data``
+    (:func:`common.data._photo`). All ship inside the packages."""
     from PIL import Image
 
-    if name in ("china", "flower"):
+    if name in PYIQA_PHOTOS:
+        path = _package_file("pyiqa", PYIQA_PHOTOS[name])
+    elif name in ("china", "flower"):
         import sklearn.datasets
 
         path = Path(sklearn.datasets.__file__).parent / "images" / f"{name}.jpg"
@@ -320,21 +362,26 @@ def build_iqa_examples(
     degraded_per_crop: int | None = None,
     restored_inputs: int | None = None,
     photo_loader: Callable[[str], np.ndarray] = iqa_photo,
+    crop_scale: tuple[float, float] = (0.5, 1.0),
 ) -> IQAExamples:
     """The labelled set of the module docstring for ``photos`` (names in ``skimage.data``).
 
     Per crop: 1 clean + len(degradations)·len(severities) graded (or ``degraded_per_crop``
     random draws of a degradation at a severity ~ U(0.05, 1)) + 1 LQ (RL-style low light) + M
     restored (``restorer`` output per LQ, none without a restorer; ``restored_inputs``: only that
-    many LQ crops, evenly spread over the photos). Deterministic in ``seed``.
+    many LQ crops, evenly spread over the photos). ``crop_scale``: the range of a crop's side as a
+    fraction of the photo's shorter side (smaller crops of a large photo show more distinct
+    content). Deterministic in ``seed``.
     """
+    if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
+        raise ValueError(f"crop_scale: got {crop_scale}; expected 0 < low <= high <= 1")
     label = label or SSIMLabel()
     rng = np.random.default_rng([seed, 0x1A0])
     gts, images, refs, kinds, names, lqs, groups = [], [], [], [], [], [], []
     for name in photos:
         photo = photo_loader(name)
         for _ in range(crops_per_photo):
-            gt = _crop(photo, resolution, rng)
+            gt = _crop(photo, resolution, rng, crop_scale)
             x = gt.astype(np.float32) / 255.0
             gts.append(gt)
             crop = len(gts) - 1

@@ -43,6 +43,7 @@ __all__ = [
     "CARD_FILE",
     "IQATrainSettings",
     "IQATrainingError",
+    "best_step",
     "correlations",
     "ensure_iqa_model",
     "fine_tune_iqa_model",
@@ -99,6 +100,14 @@ class IQATrainSettings:
     grey_fraction: float = 0.25
     """Share of training images shown in greyscale (R = G = B = luma). Exact for luma-based labels
     such as the default SSIM_Y (the label does not change); set 0 for a colour-aware label."""
+    restored_repeat: int = 1
+    """Each epoch shows every ``restored`` image (the base policy's outputs, which the step-wise
+    reward ranks) this many times and every other image once: the data mix without the cost of
+    restoring more crops."""
+    select_every: int = 0
+    """Model selection: every this many steps (and at the last) score the validation set (photos in
+    neither the training nor the held-out set) and return the weights of the step with the best
+    validation SRCC; 0, or no validation set: the last step's weights."""
 
 
 # ----------------------------------------------------------------------------------- the math
@@ -206,11 +215,21 @@ class _LevelReader:
         return expected_score(lp, self.preset.level_weights, self.preset.native_range)[0]
 
 
-def _batch_order(train: IQAExamples, rng: np.random.Generator, grouped: bool) -> np.ndarray:
-    """One epoch of example indices: a permutation, or whole groups in random order (members
-    shuffled) so that consecutive batches hold the same content at several qualities."""
+def best_step(curve: list[dict[str, Any]], key: str = "validation_srcc") -> int | None:
+    """The step of the highest ``key`` in a training curve (the earliest on a tie; NaN never
+    wins); None when no entry has a finite ``key``."""
+    scored = [(float(e[key]), -int(e["step"])) for e in curve if e.get(key) is not None and np.isfinite(e[key])]
+    return -max(scored)[1] if scored else None
+
+
+def _batch_order(train: IQAExamples, rng: np.random.Generator, grouped: bool, restored_repeat: int = 1) -> np.ndarray:
+    """One epoch of example indices: a permutation (in which each ``restored`` image appears
+    ``restored_repeat`` times), or whole groups in random order (members shuffled) so that
+    consecutive batches hold the same content at several qualities."""
     if not grouped:
-        return rng.permutation(len(train))
+        extra = np.flatnonzero(np.asarray(train.kinds) == "restored")  # [R]
+        pool = np.concatenate([np.arange(len(train))] + [extra] * (max(1, restored_repeat) - 1))
+        return rng.permutation(pool)
     groups = train.groups
     uniq = rng.permutation(np.unique(groups))
     members = {int(g): np.flatnonzero(groups == g) for g in uniq}
@@ -237,12 +256,18 @@ def fine_tune_iqa_model(
     settings: IQATrainSettings,
     *,
     held_out: IQAExamples | None = None,
+    validation: IQAExamples | None = None,
     background: tuple[int, int, int] | None = None,
     log_every: int = 100,
     on_step: Callable[[int, float], Any] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` in place on ``train`` (module docstring); returns a summary with the
-    loss per step and, every ``log_every`` steps, the held-out SRCC (transformers scores)."""
+    loss per step and, every ``log_every`` steps, the held-out SRCC (transformers scores).
+
+    With ``validation`` and ``settings.select_every``, the validation SRCC is measured every
+    ``select_every`` steps and the model is left with the weights of the best one
+    (:func:`best_step`; summary ``selected_step`` and ``validation_curve``). The held-out set is
+    only reported, never used to choose."""
     import torch
 
     from common.tiny_pretrain import warmup_cosine
@@ -257,13 +282,16 @@ def fine_tune_iqa_model(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     sched = warmup_cosine(opt, settings.steps, settings.warmup_fraction)
-    order = _batch_order(train, rng, settings.group_batches)
+    order = _batch_order(train, rng, settings.group_batches, settings.restored_repeat)
     pos, losses, curve = 0, [], []
+    selecting = bool(settings.select_every) and validation is not None
+    val_curve: list[dict[str, Any]] = []
+    best_state: dict[str, Any] | None = None
     model.train()
     t0 = time.perf_counter()
     for step in range(settings.steps):
         if pos + settings.batch_size > len(order):
-            order, pos = _batch_order(train, rng, settings.group_batches), 0
+            order, pos = _batch_order(train, rng, settings.group_batches, settings.restored_repeat), 0
         idx = order[pos : pos + settings.batch_size]
         pos += settings.batch_size
         images = [_augment(train.images[i], rng, settings.grey_fraction) for i in idx]
@@ -279,6 +307,11 @@ def fine_tune_iqa_model(
         losses.append(float(loss.detach()))
         if on_step is not None:
             on_step(step, losses[-1])
+        if selecting and ((step + 1) % settings.select_every == 0 or step + 1 == settings.steps):
+            v_srcc = correlations(reader.scores(validation.images), validation.quality)[0]
+            val_curve.append({"step": step + 1, "validation_srcc": round(v_srcc, 4)})
+            if best_step(val_curve) == step + 1:  # a new best: keep a copy of these weights
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if log_every and ((step + 1) % log_every == 0 or step + 1 == settings.steps):
             entry = {"step": step + 1, "loss": round(float(np.mean(losses[-log_every:])), 4),
                      "seconds": round(time.perf_counter() - t0, 1)}
@@ -286,9 +319,15 @@ def fine_tune_iqa_model(
                 entry["held_out_srcc"] = round(correlations(reader.scores(held_out.images), held_out.quality)[0], 4)
             curve.append(entry)
             log.info("IQA training %s", entry)
+    selected = best_step(val_curve) if selecting else None
+    if best_state is not None and selected != settings.steps:
+        model.load_state_dict(best_state)
     model.eval()
-    return {"loss_first": losses[0], "loss_last": float(np.mean(losses[-20:])), "curve": curve,
-            "seconds": round(time.perf_counter() - t0, 1)}
+    out = {"loss_first": losses[0], "loss_last": float(np.mean(losses[-20:])), "curve": curve,
+           "seconds": round(time.perf_counter() - t0, 1)}
+    if selecting:
+        out |= {"selected_step": selected, "validation_curve": val_curve}
+    return out
 
 
 def _save_model(model: Any, processor: Any, out: Path) -> None:
@@ -387,7 +426,7 @@ def ensure_iqa_model(
     *,
     base_model: str | os.PathLike,
     preset: str,
-    make_data: Callable[[], tuple[IQAExamples, IQAExamples]],
+    make_data: Callable[[], tuple[IQAExamples, IQAExamples] | tuple[IQAExamples, IQAExamples, IQAExamples | None]],
     data_key: dict[str, Any],
     settings: IQATrainSettings | None = None,
     version: int = 0,
@@ -396,7 +435,9 @@ def ensure_iqa_model(
 ) -> Path:
     """The trained model for these arguments: ``<out_dir>/iqa-<key>/``, reused when it has a card.
 
-    ``make_data()`` -> (train, held_out) examples; called only when the model must be trained.
+    ``make_data()`` -> (train, held_out) or (train, held_out, validation) examples; called only
+    when the model must be trained. ``validation`` (photos in neither other set) chooses the
+    step whose weights are kept when ``settings.select_every`` is set.
     ``data_key``: what determines that data (photos, label source, base-policy digest ...).
     ``version``/``parent``: the reward-model version this training makes and the folder it
     fine-tunes (iterative RL), recorded on the card. The served (vLLM) score of the held-out set
@@ -416,7 +457,8 @@ def ensure_iqa_model(
         return final
     t_start = time.perf_counter()
     t0 = time.perf_counter()
-    train, held_out = make_data()
+    train, held_out, *rest = make_data()
+    validation = rest[0] if rest else None
     data_seconds = time.perf_counter() - t0
     preset_obj = get_preset(preset)
     with torch.random.fork_rng(devices=[]):
@@ -427,7 +469,7 @@ def ensure_iqa_model(
         reader = _LevelReader(model, processor, preset_obj, background)
         before = held_out_report(reader.scores(held_out.images), held_out)
         summary = fine_tune_iqa_model(model, processor, preset_obj, train, settings,
-                                      held_out=held_out, background=background)
+                                      held_out=held_out, validation=validation, background=background)
         after = held_out_report(reader.scores(held_out.images), held_out)
     train_seconds = summary.pop("seconds")
 
@@ -463,7 +505,9 @@ def ensure_iqa_model(
                 "target": "two-point soft label on the levels around s, with expectation exactly s",
             },
             "data": {"key": data_key, "train_counts": train.counts(), "held_out_counts": held_out.counts(),
-                     "train_photos": sorted(set(train.photos)), "held_out_photos": sorted(set(held_out.photos))},
+                     "train_photos": sorted(set(train.photos)), "held_out_photos": sorted(set(held_out.photos)),
+                     "validation_counts": None if validation is None else validation.counts(),
+                     "validation_photos": None if validation is None else sorted(set(validation.photos))},
             "held_out": {"before_training": before, "after_training": after, **served},
             "headline": {"srcc": headline["srcc"], "plcc": headline["plcc"], "engine": "vllm" if check_vllm else "transformers",
                          "mean_score": headline["mean_score"]},

@@ -59,6 +59,28 @@ def test_a_model_below_min_srcc_fails_loudly_and_leaves_nothing(tmp_path):
     assert not any(p.name.startswith("iqa-") for p in (tmp_path / "iqa").iterdir())
 
 
+@pytest.mark.slow
+def test_select_every_chooses_the_step_on_the_validation_photos_and_cards_it(tmp_path):
+    from deploy.reward_model import ensure_trained_reward
+    from reward_server.iqa_data import IQA_HELD_OUT_PHOTOS, IQA_VALIDATION_PHOTOS
+    from reward_server.iqa_train import read_card
+
+    cfg = load_config(DEMO, [f"reward.cache_dir={tmp_path}", "reward.backend=transformers",
+                             "reward.iqa_train.steps=6", "reward.iqa_train.crops_per_photo=1",
+                             "reward.iqa_train.restored_inputs=0", "reward.iqa_train.held_out_crops_per_photo=2",
+                             "reward.iqa_train.validation_crops_per_photo=1", "reward.iqa_train.select_every=2",
+                             "reward.iqa_train.min_srcc=-1"])
+    card = read_card(ensure_trained_reward(cfg, progress=False))
+    training, data = card["training"], card["data"]
+    assert [e["step"] for e in training["validation_curve"]] == [2, 4, 6]
+    best = max(e["validation_srcc"] for e in training["validation_curve"])
+    assert training["selected_step"] in [e["step"] for e in training["validation_curve"] if e["validation_srcc"] == best]
+    assert data["validation_photos"] == sorted(IQA_VALIDATION_PHOTOS)
+    assert data["validation_counts"] == {"gt": 9, "degraded": 27, "lq": 9}
+    assert set(data["validation_photos"]).isdisjoint(set(data["train_photos"]) | set(IQA_HELD_OUT_PHOTOS))
+    assert card["recipe"]["settings"]["select_every"] == 2
+
+
 def test_label_source_from_config_is_imported(tmp_path):
     from deploy.reward_model import label_source
 

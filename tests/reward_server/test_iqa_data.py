@@ -86,9 +86,26 @@ def test_graded_severity_lowers_the_label_monotonically():
 
 
 def test_iqa_photos_are_disjoint_from_the_rl_test_split():
+    from reward_server.iqa_data import IQA_VALIDATION_PHOTOS
+
     assert not set(IQA_TRAIN_PHOTOS) & set(TEST_PHOTOS)
     assert not set(IQA_HELD_OUT_PHOTOS) & (set(TEST_PHOTOS) | set(IQA_TRAIN_PHOTOS))
+    assert not set(IQA_VALIDATION_PHOTOS) & (set(TEST_PHOTOS) | set(IQA_TRAIN_PHOTOS) | set(IQA_HELD_OUT_PHOTOS))
     assert "cat" not in IQA_TRAIN_PHOTOS + IQA_HELD_OUT_PHOTOS  # skimage's cat is the chelsea photo
+
+
+def test_validation_photos_are_not_copies_of_other_photos():
+    """Disjoint by content, not only by name: no validation photo equals (at 32 px) a training,
+    held-out or RL test photo."""
+    from reward_server.iqa_data import IQA_VALIDATION_PHOTOS, iqa_photo
+
+    def thumb(name):
+        return np.asarray(Image.fromarray(iqa_photo(name)).resize((32, 32)), dtype=np.float64)
+
+    others = [thumb(n) for n in IQA_TRAIN_PHOTOS + IQA_HELD_OUT_PHOTOS + TEST_PHOTOS]
+    for name in IQA_VALIDATION_PHOTOS:
+        v = thumb(name)
+        assert min(np.abs(v - o).mean() for o in others) > 10, name
 
 
 def test_build_examples_kinds_labels_and_restorer():
@@ -147,3 +164,25 @@ def test_rated_folder_loads_and_names_bad_files(tmp_path):
 def test_examples_check_their_lengths():
     with pytest.raises(IQADataError, match="2 images but 1 labels"):
         IQAExamples(_images(2), np.array([0.5]), ["gt", "gt"], ["a", "a"])
+
+
+def test_package_photos_load_offline_and_are_real_colour_photographs():
+    from reward_server.iqa_data import PYIQA_PHOTOS, iqa_photo
+
+    for name in PYIQA_PHOTOS:
+        img = iqa_photo(name)
+        assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and min(img.shape[:2]) >= 384, name
+        assert img.std() > 20 and np.abs(img[..., 0].astype(int) - img[..., 2]).mean() > 5, name  # colour, not flat
+    with pytest.raises(IQADataError, match="not installed"):
+        from reward_server.iqa_data import _package_file
+
+        _package_file("no-such-distribution-xyz", "a.png")
+
+
+def test_crop_scale_defaults_to_the_old_recipe_and_is_checked():
+    a = build_iqa_examples(["coffee"], resolution=32, crops_per_photo=1, seed=0, degraded_per_crop=0)
+    b = build_iqa_examples(["coffee"], resolution=32, crops_per_photo=1, seed=0, degraded_per_crop=0,
+                           crop_scale=(0.5, 1.0))
+    np.testing.assert_array_equal(a.images, b.images)  # the default is the old recipe
+    with pytest.raises(ValueError, match="crop_scale"):
+        build_iqa_examples(["coffee"], resolution=32, crops_per_photo=1, seed=0, crop_scale=(0.0, 1.0))

@@ -82,3 +82,70 @@ def test_a_short_fine_tune_learns_to_rank_quality(tiny_vlm):
     after = correlations(reader.scores(ex.images), ex.quality)[0]
     assert out["loss_last"] < 0.8 * out["loss_first"]
     assert after > 0.8 and after > before + 0.3, (before, after)
+
+
+def test_best_step_is_the_earliest_maximum_and_skips_nan():
+    from reward_server.iqa_train import best_step
+
+    curve = [{"step": 50, "validation_srcc": 0.4}, {"step": 100, "validation_srcc": 0.7},
+             {"step": 150, "validation_srcc": float("nan")}, {"step": 200, "validation_srcc": 0.7},
+             {"step": 250, "validation_srcc": 0.6}]
+    assert best_step(curve) == 100
+    assert best_step(curve[:1]) == 50
+    assert best_step([{"step": 10, "validation_srcc": float("nan")}]) is None
+    assert best_step([]) is None
+
+
+def test_validation_selection_returns_the_weights_of_the_best_validation_step(tiny_vlm):
+    """With a validation set, the model handed back is the one of the step with the best
+    validation SRCC (rescored here), not the last step's; the held-out set plays no part."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from reward_server.iqa_data import build_iqa_examples
+    from reward_server.iqa_train import _LevelReader, best_step
+    from reward_server.presets import get_preset
+    from reward_server.scoring import _pad_background
+
+    train = build_iqa_examples(["coffee"], resolution=32, crops_per_photo=4, seed=0, degraded_per_crop=3)
+    val = build_iqa_examples(["astronaut"], resolution=32, crops_per_photo=3, seed=1, degraded_per_crop=3)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(tiny_vlm)
+    preset = get_preset("llava")
+    reader = _LevelReader(model, processor, preset, _pad_background(tiny_vlm, preset))
+    settings = IQATrainSettings(steps=30, batch_size=8, select_every=6)
+    last: list[float] = []
+
+    def on_step(step, loss):  # the validation SRCC of the last step's weights
+        if step + 1 == settings.steps:
+            last.append(correlations(reader.scores(val.images), val.quality)[0])
+
+    out = fine_tune_iqa_model(model, processor, preset, train, settings, validation=val,
+                              background=reader.background, log_every=0, on_step=on_step)
+    curve = out["validation_curve"]
+    assert [e["step"] for e in curve] == [6, 12, 18, 24, 30]
+    assert out["selected_step"] == best_step(curve)
+    returned = correlations(reader.scores(val.images), val.quality)[0]
+    best = max(e["validation_srcc"] for e in curve)
+    assert returned == pytest.approx(best, abs=1e-3)
+    assert returned >= last[0] - 1e-3
+    if out["selected_step"] != settings.steps:  # (seen: step 18 of 30) the last weights were not kept
+        assert abs(returned - last[0]) > 1e-3
+    # without select_every there is no selection: the last step's weights, no validation curve
+    plain = fine_tune_iqa_model(model, processor, preset, train, IQATrainSettings(steps=2, batch_size=8),
+                                validation=val, background=reader.background, log_every=0)
+    assert "selected_step" not in plain
+
+
+def test_restored_repeat_shows_each_restored_image_k_times_per_epoch():
+    from reward_server.iqa_data import IQAExamples
+    from reward_server.iqa_train import _batch_order
+
+    kinds = ["gt", "restored", "lq", "restored", "degraded"]
+    ex = IQAExamples(np.zeros((5, 4, 4, 3), np.uint8), np.linspace(0, 1, 5), kinds, ["a"] * 5)
+    order = _batch_order(ex, np.random.default_rng(0), grouped=False, restored_repeat=3)
+    assert sorted(np.bincount(order, minlength=5).tolist()) == [1, 1, 1, 3, 3]
+    assert np.bincount(order, minlength=5)[[1, 3]].tolist() == [3, 3]
+    # repeat 1 is the plain permutation (the recipe before the option existed)
+    np.testing.assert_array_equal(_batch_order(ex, np.random.default_rng(0), grouped=False),
+                                  np.random.default_rng(0).permutation(5))
