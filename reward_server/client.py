@@ -55,6 +55,10 @@ __all__ = [
 ]
 
 
+#: Seconds past an attempt's deadline a transport may take to classify its own timeout.
+_CLASSIFY_GRACE_S = 5.0
+
+
 class _Retryable(Exception):
     """A failure worth another attempt (server-side, transient)."""
 
@@ -132,9 +136,21 @@ class ServeTransport:
         (image,), (image_id,) = images, ids
         response = self.handle.score.remote(image, image_id)
         try:
-            scored = await asyncio.wait_for(_await_response(response), timeout_s)
-        except (TimeoutError, asyncio.CancelledError):
+            # A little inside the caller's deadline, so a timeout here can be told apart: a
+            # request sent while no replica is up waits in Serve's router instead of failing.
+            scored = await asyncio.wait_for(_await_response(response), max(timeout_s * 0.9, timeout_s - 0.5))
+        except TimeoutError:
             response.cancel()  # the deadline passed: do not leave the request queued
+            # Serve's controller notices a dead replica only at its next health check (~10 s);
+            # meanwhile requests wait in the router. A replica that answers a ping is up (the
+            # scorer itself is slow: a real timeout); none answering means none is serving.
+            why = None if await self._ping(2.0) else "no reward replica answered a ping"
+            why = why or await asyncio.to_thread(self._recovering)
+            if why:
+                raise _Unavailable(f"no answer within the deadline: {why}") from None
+            raise
+        except asyncio.CancelledError:
+            response.cancel()
             raise
         except Exception as err:
             verdict = _classify_ray_error(err)
@@ -144,6 +160,35 @@ class ServeTransport:
         arr = _check_scores(ids, [scored[0]], [scored[1]])
         self.versions[getattr(scored, "version", None) or "unknown"] += 1
         return arr
+
+    async def _ping(self, timeout_s: float) -> bool:
+        """Whether a replica answers ``IQAScorer.info`` within ``timeout_s``."""
+        response = self.handle.info.remote()
+        try:
+            await asyncio.wait_for(_await_response(response), timeout_s)
+            return True
+        except Exception:  # noqa: BLE001 — a timeout, a dead replica: nobody answered
+            response.cancel()
+            return False
+
+    def _recovering(self) -> str | None:
+        """Why the reward deployment is not serving right now (a replica starting or
+        recovering, the deployment not healthy), or None when it looks healthy (or cannot be
+        asked: then a timeout is a timeout)."""
+        try:
+            from ray import serve
+
+            app = getattr(self.handle, "app_name", None) or "reward"
+            name = getattr(self.handle, "deployment_name", None)
+            deployments = serve.status().applications[app].deployments
+            dep = deployments[name] if name in deployments else next(iter(deployments.values()))
+        except Exception:  # noqa: BLE001 — no controller to ask, an unknown app: not a recovery
+            return None
+        states = {str(k).split(".")[-1]: v for k, v in (dep.replica_states or {}).items()}
+        status = str(dep.status).split(".")[-1]
+        if status != "HEALTHY" or any(k != "RUNNING" and v for k, v in states.items()):
+            return f"the reward deployment is {status} (replicas {states})"
+        return None
 
     async def aclose(self) -> None:
         pass
@@ -237,6 +282,8 @@ class HTTPTransport:
                 payload = await resp.read()
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")
+        except TimeoutError:  # aiohttp's total timeout: the attempt's deadline passed
+            raise
         except (aiohttp.ClientConnectorError, ConnectionRefusedError) as err:  # nothing listens
             raise _Unavailable(f"{type(err).__name__}: {err}") from None
         except (aiohttp.ClientError, ConnectionError, OSError) as err:
@@ -427,8 +474,10 @@ class RewardClient:
                     f"deadline of {self.timeout_s:g} s passed before attempt {attempt + outage + 1}"
                 )
             try:
+                # The transport enforces ``remaining`` itself; the grace lets it tell a dead
+                # service from a slow one after its own timeout (ServeTransport pings).
                 return await asyncio.wait_for(
-                    self.transport.score(images, ids, remaining), remaining
+                    self.transport.score(images, ids, remaining), remaining + _CLASSIFY_GRACE_S
                 )
             except _Fatal as err:
                 raise RewardError(str(err)) from None

@@ -269,3 +269,39 @@ def test_unscorable_rewards_are_masked_counted_and_fail_the_run_only_above_the_f
     # Only summaries crossed the driver: the trajectories went worker -> object store -> learner.
     assert all(r["driver/trajectory_bytes"] == 0 and r["rollout/trajectory_bytes"] > 0 for r in recs)
     assert 'reward_errors_total{kind="unscorable"}' in text and 'kind="scoring"} 0.0' in text
+
+
+def test_a_reward_replica_killed_mid_run_is_waited_for_and_changes_no_reward(ray_local, tmp_path):
+    """SIGKILL (by PID) of the Serve reward replica (PIQE) while iteration 1's rollout streams
+    images to it, with a reward deadline (5 s) shorter than Serve takes to notice the death and
+    start a new replica (about 10 s + the start):
+    the workers' requests wait for it (reward.recovery_timeout_s), the run completes every
+    iteration once, with the rewards and losses of an uninterrupted run."""
+    import os
+    import signal
+
+    from reward_server.serve_app import get_handle
+
+    overrides = [o for o in SMALL if not o.startswith("algorithm.reward=")] + [
+        "algorithm.reward=iqa", "reward.backend=pyiqa", "reward.pyiqa_metric=piqe", "reward.timeout_s=5",
+        "reward.max_retries=0", "deploy.iterations=3", f"deploy.output_dir={tmp_path}"]
+    assert _run(load_config(DEMO, [*overrides, "deploy.run_name=ref"])) == 0
+    killed = []
+
+    def make(driver):  # noqa: ARG001
+        def hook(stage, it):
+            if (stage, it) == ("launched", 1):
+                pid = get_handle("reward").stats.remote().result(timeout_s=30)["pid"]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        return hook
+
+    assert _run(load_config(DEMO, [*overrides, "deploy.run_name=r"]), hook=make) == 0
+    assert killed
+    got, want = _values(tmp_path / "r"), _values(tmp_path / "ref")
+    assert [v[0] for v in got] == [0, 1, 2] and _same(got, want), (got, want)
+    from deploy.outputs import read_metrics
+
+    waited = read_metrics(tmp_path / "r" / "metrics.jsonl")[1]["seconds/rollout"]
+    assert waited > 5, waited  # the rollout outlived the reward deadline: it waited for the new replica
+    print(f"reward replica SIGKILL mid-run: iteration 1's rollout took {waited:.1f} s (deadline 5 s)")
