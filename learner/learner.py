@@ -363,6 +363,9 @@ class Learner:
             self._version += 1
 
         entries = max(totals[_S["entries"]].item(), 1.0)
+        if self._pg is not None:  # the maxima over every rank's shard (each rank saw only its own)
+            self._first_max_log_ratio, self._rollout_max_abs = self._allreduce_max(
+                [self._first_max_log_ratio, self._rollout_max_abs])
         first_entries = totals[_S["first_entries"]].item()  # the rollout_* slots count the first pass only
         if recompute and first_entries:
             clipfrac0 = totals[_S["rollout_clip_sum"]].item() / first_entries
@@ -658,6 +661,16 @@ class Learner:
             self._pg = dist.ProcessGroupGloo(prefix, self.rank, self.world_size, timeout)
         self._allreduce_([torch.zeros(1, device=self.device)])  # fail here, not mid-update
         return self.rank
+
+    def _allreduce_max(self, values: list[float]) -> list[float]:
+        """Element-wise MAX of ``values`` over the learners."""
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MAX
+        self._pg.allreduce([t], opts).wait()
+        return [float(v) for v in t.cpu()]
 
     def _allreduce_(self, tensors: list[torch.Tensor]) -> None:
         """In-place SUM over the learners, in flat buckets of one dtype and device."""
