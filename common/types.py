@@ -36,6 +36,10 @@ def _check(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int | No
         raise ShapeError(f"Trajectory.{name}: expected shape {want}, got {list(t.shape)}")
 
 
+#: The Trajectory fields with a leading batch dimension B (concat, select and size follow them).
+_PER_SAMPLE = ("input_ids", "latents", "log_probs", "reward_images", "rewards", "final_images", "control_images")
+
+
 @dataclass
 class Trajectory:
     """A batch of B denoising trajectories sampled by one policy version (DESIGN.md §2.1).
@@ -125,9 +129,7 @@ class Trajectory:
     @property
     def nbytes(self) -> int:
         """Bytes of the per-sample tensors (what moving the batch between processes costs)."""
-        return sum(int(t.numel() * t.element_size()) for t in (
-            self.input_ids, self.latents, self.log_probs, self.reward_images, self.rewards, self.final_images,
-            self.control_images))
+        return sum(int(getattr(self, n).numel() * getattr(self, n).element_size()) for n in _PER_SAMPLE)
 
     def split_reward_images(self) -> tuple["Trajectory", torch.Tensor]:
         """(this batch without its reward images — reward_images [B, 0, H, W, 3] —, the images
@@ -140,9 +142,8 @@ class Trajectory:
     def select(self, rows: torch.Tensor) -> "Trajectory":
         """The trajectories at ``rows`` (bool [B] mask or int64 indices) along B; shared fields
         (timesteps, σ, reward steps) and ``extras`` are kept."""
-        per_batch = ("input_ids", "latents", "log_probs", "reward_images", "rewards", "final_images", "control_images")
         kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in per_batch:
+        for name in _PER_SAMPLE:
             kwargs[name] = getattr(self, name)[rows]
         kwargs["extras"] = dict(self.extras)
         return Trajectory(**kwargs)
@@ -160,9 +161,8 @@ class Trajectory:
                 )
             if not torch.equal(p.timesteps, first.timesteps) or not torch.equal(p.reward_steps, first.reward_steps):
                 raise ValueError("Trajectory.concat: timesteps or reward steps differ")
-        per_batch = ("input_ids", "latents", "log_probs", "reward_images", "rewards", "final_images", "control_images")
         kwargs = {f.name: getattr(first, f.name) for f in fields(first)}
-        for name in per_batch:
+        for name in _PER_SAMPLE:
             kwargs[name] = torch.cat([getattr(p, name) for p in parts], dim=0)
         kwargs["extras"] = {}
         return Trajectory(**kwargs)

@@ -314,15 +314,13 @@ class Driver:
                     if self._stop or restarts >= self.cfg.deploy.max_restarts:
                         raise
                     restarts += 1
-                    t0 = time.monotonic()
+                    self._restart_began = time.monotonic()
                     log.warning("an actor died (%s): rebuilding the job's actors and resuming from the newest "
                                 "checkpoint (restart %d of deploy.max_restarts=%d)",
                                 type(err).__name__, restarts, self.cfg.deploy.max_restarts)
-                    self.recovered["learner"] = self.recovered.get("learner", 0) + 1
-                    self._metric("recovered_total", "inc", 1, {"role": "learner"})
+                    self._count_recovery("learner")
                     self._teardown_actors()
                     self.resume = "auto"
-                    self._restart_began = t0
         except StopRequested:  # during set-up, before the first iteration: nothing to checkpoint
             log.warning("stopped before the first iteration")
             return 0
@@ -631,8 +629,7 @@ class Driver:
             for i, why in failed:
                 log.warning("rollout worker %d %s: re-sending its %d input(s) of iteration %d (retry %d of %d)",
                             i, why, len(launch.chunks[i]), launch.iteration, attempt + 1, self.cfg.rollout.max_restarts)
-                self.recovered["rollout"] = self.recovered.get("rollout", 0) + 1
-                self._metric("recovered_total", "inc", 1, {"role": "rollout"})
+                self._count_recovery("rollout")
             self._wait_alive([workers[i] for i, _ in failed])
             version = self._worker_version
             if sync is not None:
@@ -758,6 +755,11 @@ class Driver:
         print(f"outputs: {self.run.root.resolve()}", flush=True)
 
     # ------------------------------------------------------------------------------ telemetry
+    def _count_recovery(self, role: str) -> None:
+        """One recovery of ``role``: the run's records (recovered_total/<role>) and Prometheus."""
+        self.recovered[role] = self.recovered.get(role, 0) + 1
+        self._metric("recovered_total", "inc", 1, {"role": role})
+
     def _metric(self, name: str, op: str, value: float, tags: dict[str, str] | None = None) -> None:
         """``op`` ("set" | "inc") on the telemetry metric ``name`` (common/telemetry.py), built
         once. Metrics must never break training: a failure is logged at debug level."""
