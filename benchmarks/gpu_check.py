@@ -56,34 +56,34 @@ class Shapes:
 
 # SD-2.1-base (512 px, epsilon): the published unet/ and vae/ configs' shape arguments.
 SD21 = Shapes(
-    unet=dict(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=1024,
-        attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    ),
-    vae=dict(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
-    ),
+    unet={
+        "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+        "block_out_channels": (320, 640, 1280, 1280), "cross_attention_dim": 1024,
+        "attention_head_dim": (5, 10, 20, 20), "use_linear_projection": True,
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    },
+    vae={
+        "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "sample_size": 512,
+        "block_out_channels": (128, 256, 512, 512), "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4, "scaling_factor": 0.18215,
+    },
     prompt_len=77,
 )
 
 # The same architecture classes at a size a CPU runs in seconds (the smoke test's shape).
 TINY = Shapes(
-    unet=dict(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=8,
-        norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    ),
-    vae=dict(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=32,
-        block_out_channels=(16, 32), norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    ),
+    unet={
+        "sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+        "block_out_channels": (32, 64), "cross_attention_dim": 32, "attention_head_dim": 8,
+        "norm_num_groups": 8, "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    },
+    vae={
+        "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1, "sample_size": 32,
+        "block_out_channels": (16, 32), "norm_num_groups": 8,
+        "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2,
+    },
     prompt_len=8,
 )
 
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
         bf16_first_clipfrac=float(first["losses/clipfrac"]),
         bf16_rollout_vs_learner_log_ratio_max=float(first.get("learner/rollout_log_ratio_max", float("nan"))),
         bf16_rollout_vs_learner_clipfrac=float(first.get("learner/rollout_clipfrac", float("nan"))),
-        trained_timesteps_per_trajectory=int(round(args.steps * args.timestep_fraction)),
+        trained_timesteps_per_trajectory=round(args.steps * args.timestep_fraction),
     )
     tmp.cleanup()
 
