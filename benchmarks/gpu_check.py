@@ -102,13 +102,14 @@ def write_random_model(root: Path, shapes: Shapes, *, seed: int = 0) -> dict[str
     from diffusers.utils import logging as diffusers_logging
     from safetensors.torch import save_file
 
-    from common.policy import PROMPT_EMBEDS_FILE, _cond_embedding_channels
+    from common.controlnet_policy import cond_embedding_channels
+    from common.policy import PROMPT_EMBEDS_FILE
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**shapes.unet)
     vae = AutoencoderKL(**shapes.vae)
     vae_scale = 2 ** (len(shapes.vae["block_out_channels"]) - 1)
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=_cond_embedding_channels(vae_scale))
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=cond_embedding_channels(vae_scale))
     with torch.no_grad():
         for name, p in controlnet.named_parameters():
             if ("zero_conv" in name or "controlnet_down_blocks" in name or "controlnet_mid_block" in name
