@@ -180,6 +180,8 @@ class RolloutSummary:
         input_ids: int64 [B]. rewards: float32 [B, R] (NaN: unscorable, masked by the driver).
         reward_versions: {reward-model version: scores} of the chunk (iterative RL).
         trajectory_bytes: bytes of the trajectory left in the object store (reward images included).
+        reward_wait_s: seconds the worker waited for scores after its last denoising step (the
+            part of the reward service's work that sampling did not hide).
     """
 
     policy_version: int
@@ -187,11 +189,13 @@ class RolloutSummary:
     rewards: np.ndarray
     reward_versions: dict[str, int]
     trajectory_bytes: int
+    reward_wait_s: float = 0.0
 
     @staticmethod
     def of(traj: Trajectory) -> "RolloutSummary":
         return RolloutSummary(int(traj.policy_version), traj.input_ids.numpy().copy(), traj.rewards.numpy().copy(),
-                              dict(traj.extras.get("reward_versions", {})), traj.nbytes)
+                              dict(traj.extras.get("reward_versions", {})), traj.nbytes,
+                              float(traj.extras.get("reward_wait_s", 0.0)))
 
 
 @dataclass(frozen=True)

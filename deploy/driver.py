@@ -4,8 +4,14 @@
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python -m deploy.driver --config deploy/configs/pasd_lol_gpu.yaml --resume auto
 
-One iteration: rollout → reward (overlapped: workers stream images to the reward service while
-they denoise) → advantages + update (in the learners) → weight_sync → checkpoint.
+One iteration, the paper's stages, each timed as ``seconds/<stage>`` in metrics.jsonl:
+rollout (workers denoise and stream each reward step's images to the reward service meanwhile)
+→ reward (the driver checks the gathered scores: one policy version, unscorable ones masked,
+reward-model versions counted; ``rollout/reward_wait_s`` is how long a worker still waited for
+scores after its last step) → advantages (in the learners: rewards, per-step advantages,
+difficulty weights; :meth:`learner.learner.LearnerGroup.prepare_from_store`) → update (PPO + SFT
++ KL and the optimizer step; ``LearnerGroup.optimize``) → weight_sync → checkpoint. Every call
+to the learners goes through :class:`learner.learner.LearnerGroup`.
 
 Schedules: ``deploy.max_staleness: 0`` is synchronous. With ``max_staleness ≥ 1`` the next
 rollout starts, with the weights the workers hold, before the learner updates on the current
@@ -338,7 +344,7 @@ class Driver:
         import ray
 
         from learner.checkpoint import resolve_resume
-        from learner.learner import create_learners
+        from learner.learner import LearnerGroup, create_learners
         from learner.weight_sync import WeightSync
         from rollout.worker import create_rollout_workers
 
@@ -374,6 +380,9 @@ class Driver:
                                            cfg.learner.num_gpus_per_learner, cfg.learner.custom_resources)
         learners = create_learners(cfg.model, cfg.data, cfg.algorithm, cfg.learner, placement_group=learner_pg)
         self._actors = list(learners)
+        # Every call to the learners goes through the group: all ranks get it, rank 0 answers; the
+        # waits notice a stop request (bounded by deploy.stop_timeout_s after one).
+        group = LearnerGroup(learners, get=lambda refs: self._get(refs, stoppable=False))
         workers, sync = [], None
         if uses_rollout:
             sink_factory = self._start_reward()
@@ -382,8 +391,8 @@ class Driver:
             workers = create_rollout_workers(cfg.rollout, cfg.algorithm, cfg.model, cfg.data, sink_factory, rollout_pg)
             self._actors += workers
             self.workers = workers  # for stage hooks (fault-injection tests)
-            sync = WeightSync.from_config(learners[0], workers, cfg.deploy.weight_sync)
-        num_inputs = self._get(learners[0].num_inputs.remote())
+            sync = WeightSync.from_config(group.rank0, workers, cfg.deploy.weight_sync)
+        num_inputs = group.num_inputs()
 
         # Resume: learners load the checkpoint; workers get its weights.
         start = 0
@@ -394,8 +403,7 @@ class Driver:
                 self.dropped_total = 0
             else:
                 # resolve_resume verified its checksums before Ray started: not hashed again per rank.
-                info = self._get([lr.load_checkpoint.remote(str(ckpt), False) for lr in learners],
-                                 stoppable=False)[0]
+                info = group.load_checkpoint(ckpt, verify_checksums=False)
                 start = int(info["iteration"]) + 1
                 self.dropped_total = int(info["extra"].get("dropped_total", 0))
                 reward_path = info["extra"].get("reward_model_path")
@@ -439,7 +447,7 @@ class Driver:
                 ids = input_ids_for_iteration(it, n_inputs, num_inputs, cfg.rollout.seed)
                 if not uses_rollout:
                     with timer.stage("update"):
-                        metrics = self._get([lr.sft_update.remote(ids) for lr in learners], stoppable=False)[0]
+                        metrics = group.sft_update(ids)
                     self._at("update", it)
                 else:
                     with timer.stage("rollout"):
@@ -457,52 +465,57 @@ class Driver:
                     self._at("rollout", it)
                     if self._stop:  # the last point where this iteration can be abandoned
                         raise StopRequested()
-                    summaries = [c.summary for c in chunks]
-                    versions = {s.policy_version for s in summaries}
-                    if len(versions) != 1:
-                        raise RuntimeError(f"iteration {it}: rollout chunks sampled by versions {sorted(versions)}")
-                    batch_version = versions.pop()
-                    rewards = np.concatenate([s.rewards for s in summaries])  # [B, R]
-                    batch_ids = np.concatenate([s.input_ids for s in summaries])  # [B]
-                    B = int(batch_ids.shape[0])
-                    reward_versions: dict[str, int] = {}
-                    for summary in summaries:
-                        for v, n in summary.reward_versions.items():
-                            reward_versions[v] = reward_versions.get(v, 0) + n
-                    keep, n_kept = None, B
-                    if cfg.algorithm.uses_rl and cfg.algorithm.reward == "iqa":
-                        keep = unscorable_rows(rewards, batch_ids, cfg.reward.max_invalid_fraction, it)
-                        masked = B - int(keep.sum())
-                        n_kept = B - masked
-                        record["reward/masked"] = masked
-                        if masked:
-                            log.warning("iteration %d: %d trajectories with an unscorable reward masked", it, masked)
-                            self.dropped_total += masked
-                            self._metric("dropped_trajectories_total", "inc", masked,
-                                         {"reason": "unscorable_reward"})
-                        else:
-                            keep = None
-                        if n_kept == 0:  # every trajectory masked (max_invalid_fraction 1): no update
-                            record.update(dropped=masked, dropped_total=self.dropped_total)
-                            self.run.append_metrics(record)
-                            self._at("record", it)
-                            continue
-                    if reward_versions:
-                        record["reward_model_versions"] = reward_versions
-                        record["reward_model_index"] = self.reward_model_index
-                    driver_bytes = 0
-                    if refresh_every:
-                        # Iterative RL labels the policy's reward images here: the one fetch of
-                        # trajectory data into the driver (only with reward.iqa_train.refresh_every).
-                        images = torch.cat(self._get([c.images for c in chunks], stoppable=False))
-                        ids_t = torch.from_numpy(batch_ids)
-                        if keep is not None:
-                            images, ids_t = images[torch.from_numpy(keep)], ids_t[torch.from_numpy(keep)]
-                        driver_bytes += int(images.numel())
-                        recent.append((ids_t.repeat_interleave(images.shape[1]), images.flatten(0, 1)))
-                    record["driver/trajectory_bytes"] = driver_bytes
-                    record["rollout/trajectory_bytes"] = sum(s.trajectory_bytes for s in summaries)
-                    learner_version = self._get(learners[0].get_version.remote(), stoppable=False)
+                    with timer.stage("reward"):
+                        # The rewards the workers gathered: one policy version, unscorable ones masked, the
+                        # reward-model versions counted (scoring itself overlapped the rollout).
+                        summaries = [c.summary for c in chunks]
+                        versions = {s.policy_version for s in summaries}
+                        if len(versions) != 1:
+                            raise RuntimeError(f"iteration {it}: rollout chunks sampled by versions {sorted(versions)}")
+                        batch_version = versions.pop()
+                        rewards = np.concatenate([s.rewards for s in summaries])  # [B, R]
+                        batch_ids = np.concatenate([s.input_ids for s in summaries])  # [B]
+                        B = int(batch_ids.shape[0])
+                        reward_versions: dict[str, int] = {}
+                        for summary in summaries:
+                            for v, n in summary.reward_versions.items():
+                                reward_versions[v] = reward_versions.get(v, 0) + n
+                        keep, n_kept = None, B
+                        if cfg.algorithm.uses_rl and cfg.algorithm.reward == "iqa":
+                            keep = unscorable_rows(rewards, batch_ids, cfg.reward.max_invalid_fraction, it)
+                            masked = B - int(keep.sum())
+                            n_kept = B - masked
+                            record["reward/masked"] = masked
+                            if masked:
+                                log.warning("iteration %d: %d trajectories with an unscorable reward masked", it, masked)
+                                self.dropped_total += masked
+                                self._metric("dropped_trajectories_total", "inc", masked,
+                                             {"reason": "unscorable_reward"})
+                            else:
+                                keep = None
+                            if n_kept == 0:  # every trajectory masked (max_invalid_fraction 1): no update
+                                record.update(dropped=masked, dropped_total=self.dropped_total)
+                                self.run.append_metrics(record)
+                                self._at("record", it)
+                                continue
+                        if reward_versions:
+                            record["reward_model_versions"] = reward_versions
+                            record["reward_model_index"] = self.reward_model_index
+                        driver_bytes = 0
+                        if refresh_every:
+                            # Iterative RL labels the policy's reward images here: the one fetch of
+                            # trajectory data into the driver (only with reward.iqa_train.refresh_every).
+                            images = torch.cat(self._get([c.images for c in chunks], stoppable=False))
+                            ids_t = torch.from_numpy(batch_ids)
+                            if keep is not None:
+                                images, ids_t = images[torch.from_numpy(keep)], ids_t[torch.from_numpy(keep)]
+                            driver_bytes += int(images.numel())
+                            recent.append((ids_t.repeat_interleave(images.shape[1]), images.flatten(0, 1)))
+                        record["driver/trajectory_bytes"] = driver_bytes
+                        record["rollout/trajectory_bytes"] = sum(s.trajectory_bytes for s in summaries)
+                        record["rollout/reward_wait_s"] = max(s.reward_wait_s for s in summaries)
+                    self._at("reward", it)
+                    learner_version = group.version()
                     staleness = learner_version - batch_version
                     record.update(staleness=staleness, batch_version=batch_version)
                     if staleness > cfg.deploy.max_staleness:
@@ -512,11 +525,15 @@ class Driver:
                         self.run.append_metrics(record)
                         self._at("record", it)
                         continue
-                    with timer.stage("update"):
+                    with timer.stage("advantages"):
+                        # Rewards (the reconstruction reward is computed here) → advantages →
+                        # difficulty weights, in the learners, which fetch the batch themselves.
                         parts = [c.trajectory for c in chunks]
                         images_refs = [c.images for c in chunks] if cfg.algorithm.reward == "reconstruction" else None
-                        metrics = self._get([lr.update_from_store.remote(parts, keep, images_refs) for lr in learners],
-                                            stoppable=False)[0]
+                        metrics = group.prepare_from_store(parts, keep, images_refs)
+                    self._at("advantages", it)
+                    with timer.stage("update"):
+                        metrics = group.optimize()
                     self._at("update", it)
                     with timer.stage("weight_sync"):
                         sync_info = sync.sync()
@@ -531,7 +548,7 @@ class Driver:
                 if refresh_every and (it + 1) % refresh_every == 0 and it + 1 < cfg.deploy.iterations and recent:
                     # "with Iter. RL" (paper §6.2.7): the reward model learns the current policy's outputs.
                     with timer.stage("reward_refresh"):
-                        record.update(self._refresh_reward(learners, recent, it))
+                        record.update(self._refresh_reward(group, recent, it))
                     recent = []
                     cfg = self.cfg
                     self._at("reward_refresh", it)
@@ -544,7 +561,7 @@ class Driver:
                     with timer.stage("checkpoint"):
                         # The record travels inside the checkpoint: resume restores it if the
                         # driver dies between this save and the append below.
-                        self._checkpoint(learners, it, self._finished(record, timer))
+                        self._checkpoint(group, it, self._finished(record, timer))
                     last_ckpt = it
                     self._at("checkpoint", it)
                 record = self._finished(record, timer)
@@ -558,7 +575,7 @@ class Driver:
         except StopRequested:
             log.warning("stopped at iteration %d", last_done + 1)
             if last_done > last_ckpt:
-                self._checkpoint(learners, last_done, last_record)
+                self._checkpoint(group, last_done, last_record)
             progress.close()
             self._finish(workers, preview_ids, final=False)
             return 0
@@ -669,15 +686,15 @@ class Driver:
         out["wall_time"] = time.time()
         return out
 
-    def _checkpoint(self, learners: list[Any], iteration: int, record: dict[str, Any] | None = None) -> None:
+    def _checkpoint(self, group: Any, iteration: int, record: dict[str, Any] | None = None) -> None:
         # Rank 0 writes (all ranks hold identical weights/optimizer/tracker after the update).
         # Never abandoned by a stop (bounded by deploy.stop_timeout_s after one).
-        self._get(learners[0].save_checkpoint.remote(
-            str(self.run.root), iteration, config_yaml=self.cfg.to_yaml(), keep=self.cfg.deploy.keep_checkpoints,
+        group.save_checkpoint(
+            self.run.root, iteration, config_yaml=self.cfg.to_yaml(), keep=self.cfg.deploy.keep_checkpoints,
             extra={"dropped_total": self.dropped_total,
                    "reward_model_path": None if self.cfg.reward.model_path is None else str(self.cfg.reward.model_path),
                    "reward_model_index": self.reward_model_index,
-                   "record": record}), stoppable=False)
+                   "record": record})
 
     # ------------------------------------------------------------------------ iterative RL
     @property
@@ -708,7 +725,7 @@ class Driver:
         log.info("reward: rolled over to %s in %.1f s", model_path, time.perf_counter() - t0)
         self._metric("reward_model_version", "set", self.reward_model_index)
 
-    def _refresh_reward(self, learners: list[Any], recent: list[tuple[Any, Any]], iteration: int) -> dict[str, Any]:
+    def _refresh_reward(self, group: Any, recent: list[tuple[Any, Any]], iteration: int) -> dict[str, Any]:
         """Fine-tune the reward model on the policy's recent reward images, labelled against their
         ground truth by the configured label source, roll the app over, and apply the tracker rule."""
         import torch
@@ -732,7 +749,7 @@ class Driver:
             return {"reward_refresh_rejected": str(err)[:300]}
         self._rollover_reward(new_path)
         if t.refresh_tracker == "reset":
-            self._get([lr.reset_reward_tracker.remote() for lr in learners], stoppable=False)
+            group.reset_reward_tracker()
         print(f"[iter-rl] iteration {iteration}: reward model v{before} -> v{self.reward_model_index} "
               f"({len(images)} policy images labelled; tracker {t.refresh_tracker})", flush=True)
         # This iteration's rewards came from the old model: its record keeps reward_model_index.

@@ -46,7 +46,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,19 @@ _S = {name: i for i, name in enumerate([
 _ROLLOUT_CLIPFRAC_WARN = 0.05
 
 
+@dataclass
+class _Prepared:
+    """A batch between :meth:`Learner.prepare` and :meth:`Learner.optimize`."""
+
+    traj: Trajectory
+    sched: Any
+    gt: torch.Tensor  # uint8 [B, H, W, 3]
+    weights: torch.Tensor  # [B] difficulty weights
+    adv_steps: torch.Tensor | None  # [B, K] advantages per step (None without a reward)
+    t_start: float
+    metrics: dict[str, float]
+
+
 class Learner:
     """Holds the policy, AdamW, the reward tracker, the reference policy and the training data.
 
@@ -160,6 +174,7 @@ class Learner:
         # draws do not depend on the device; identical on every rank.
         self.generator = torch.Generator().manual_seed(learner_cfg.seed)
         self._version = 0
+        self._prepared: _Prepared | None = None  # a batch between prepare() and optimize()
         self.optimizer_steps = 0
         self.skipped_steps = 0
         self._schedulers: dict[int, Any] = {}
@@ -257,9 +272,9 @@ class Learner:
             )
         return r
 
-    def update_from_store(self, parts: Sequence[Any], keep: Any = None,
-                          reward_images: Sequence[Any] | None = None) -> dict[str, float]:
-        """:meth:`update` on a batch the rollout workers left in the object store (DESIGN.md §1):
+    def prepare_from_store(self, parts: Sequence[Any], keep: Any = None,
+                           reward_images: Sequence[Any] | None = None) -> dict[str, float]:
+        """:meth:`prepare` on a batch the rollout workers left in the object store (DESIGN.md §1):
         the driver passes only references, so no trajectory tensor crosses the driver.
 
         Args:
@@ -279,19 +294,36 @@ class Learner:
             if keep.shape != (traj.batch_size,):
                 raise ValueError(f"keep: expected bool [{traj.batch_size}], got {list(keep.shape)}")
             traj = traj.select(keep)
-        return self.update(traj)
+        return self.prepare(traj)
+
+    def update_from_store(self, parts: Sequence[Any], keep: Any = None,
+                          reward_images: Sequence[Any] | None = None) -> dict[str, float]:
+        """:meth:`prepare_from_store` then :meth:`optimize`, in one call."""
+        self.prepare_from_store(parts, keep, reward_images)
+        return self.optimize()
 
     def update(self, traj: Trajectory) -> dict[str, float]:
-        """One learner update on a rollout batch (module docstring); returns metrics.
+        """One learner update on a rollout batch (module docstring): :meth:`prepare` then
+        :meth:`optimize`; returns the metrics of both.
 
         Every data-parallel rank must call this with the same full batch.
+        """
+        self.prepare(traj)
+        return self.optimize()
+
+    def prepare(self, traj: Trajectory) -> dict[str, float]:
+        """The paper's reward → advantage stage of an update (§2.3–§2.5): the batch's rewards (the
+        service's scores, or the reconstruction reward computed here), their advantages per
+        step (the reward tracker moves), and the difficulty weights. Held until :meth:`optimize`;
+        returns these metrics. Every data-parallel rank must call this with the same full batch.
         """
         t_start = time.perf_counter()
         if not self.terms.needs_rollout:
             raise ValueError(f"algorithm.mode={self.algorithm.mode!r} trains without rollout: use sft_update")
+        if self._prepared is not None:
+            raise RuntimeError("Learner.prepare: the previous batch was prepared but never optimized (call optimize)")
         traj.validate()
-        B, K = traj.batch_size, traj.num_steps
-        version_before = self._version
+        K = traj.num_steps
         sched = self._scheduler(traj)
         gt = self._gt_images(traj.input_ids)  # uint8 [B, H, W, 3]
         if gt.shape[1:] != traj.final_images.shape[1:]:
@@ -317,6 +349,19 @@ class Learner:
         metrics["weights/max_distance_rmse"] = float(
             torch.sqrt(((traj.final_images.float() - gt.float()) / 255).square().mean(dim=(1, 2, 3))).max()
         )
+        self._prepared = _Prepared(traj, sched, gt, weights, adv_steps, t_start, dict(metrics))
+        return metrics
+
+    def optimize(self) -> dict[str, float]:
+        """The update stage on the batch :meth:`prepare` held: PPO + SFT + KL (§2.6), the
+        optimizer step(s); returns the metrics of both stages."""
+        if self._prepared is None:
+            raise RuntimeError("Learner.optimize: no prepared batch (call prepare first)")
+        prep, self._prepared = self._prepared, None
+        traj, sched, gt, weights, adv_steps = prep.traj, prep.sched, prep.gt, prep.weights, prep.adv_steps
+        t_start, metrics = prep.t_start, prep.metrics
+        B, K = traj.batch_size, traj.num_steps
+        version_before = self._version
 
         local = torch.arange(self.rank, B, self.world_size)  # this rank's shard of the batch
         totals = torch.zeros(len(_S), dtype=torch.float64)
@@ -739,6 +784,7 @@ class Learner:
         starts); the manifest and the file sizes are still checked.
         Returns ``{"iteration", "policy_version", "extra"}``.
         """
+        self._prepared = None  # a batch prepared before the restore is not part of the restored state
         c = ckpt.load_checkpoint(path, verify_checksums=verify_checksums)
         ours = list(self.policy.trainable_state_dict(clone=False))
         if c.trainable_names != ours:
@@ -842,50 +888,75 @@ def _fetch(items: list[Any]) -> list[Any]:
 
 
 class LearnerGroup:
-    """Driver-side handle on the K learner actors: every rank gets the same call."""
+    """Driver-side handle on the K learner actors: every rank gets the same call.
 
-    def __init__(self, actors: Sequence[Any], timeout_s: float | None = None):
+    ``get`` waits for a list of object refs and returns their values (default ``ray.get`` with
+    ``timeout_s``); the driver passes its own, which notices a stop request while it waits.
+    """
+
+    def __init__(self, actors: Sequence[Any], timeout_s: float | None = None,
+                 get: Callable[[list[Any]], list[Any]] | None = None):
         if not actors:
             raise ValueError("LearnerGroup: no learner actors")
         self.actors = list(actors)
         self.timeout_s = timeout_s
+        self._get = get if get is not None else self._ray_get
+
+    def _ray_get(self, refs: list[Any]) -> list[Any]:
+        import ray
+
+        return ray.get(refs, timeout=self.timeout_s)
 
     @property
     def rank0(self) -> Any:
         return self.actors[0]
 
     def _all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        import ray
+        return self._get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
 
-        return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors], timeout=self.timeout_s)
+    def _rank0(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._get([getattr(self.rank0, method).remote(*args, **kwargs)])[0]
 
-    def update(self, traj: Trajectory) -> dict[str, float]:
-        import ray
-
-        ref = ray.put(traj)  # one copy in the object store for all ranks
-        results = self._all("update", ref)
+    @staticmethod
+    def _agreed(results: list[dict[str, float]]) -> dict[str, float]:
         versions = {r["learner/version"] for r in results}
         if len(versions) != 1:
             raise RuntimeError(f"learners disagree on the version after an update: {sorted(versions)}")
         return results[0]
 
+    def num_inputs(self) -> int:
+        return int(self._rank0("num_inputs"))
+
+    def prepare_from_store(self, parts: Sequence[Any], keep: Any = None,
+                           reward_images: Sequence[Any] | None = None) -> dict[str, float]:
+        """Rewards → advantages → difficulty weights on every rank (:meth:`Learner.prepare_from_store`)."""
+        return self._all("prepare_from_store", list(parts), keep, reward_images)[0]
+
+    def optimize(self) -> dict[str, float]:
+        """The update of the prepared batch on every rank (:meth:`Learner.optimize`)."""
+        return self._agreed(self._all("optimize"))
+
+    def update(self, traj: Trajectory) -> dict[str, float]:
+        import ray
+
+        ref = ray.put(traj)  # one copy in the object store for all ranks
+        return self._agreed(self._all("update", ref))
+
     def sft_update(self, input_ids: Sequence[int]) -> dict[str, float]:
         return self._all("sft_update", list(input_ids))[0]
 
-    def version(self) -> int:
-        import ray
+    def reset_reward_tracker(self) -> None:
+        self._all("reset_reward_tracker")
 
-        return ray.get(self.rank0.get_version.remote(), timeout=self.timeout_s)
+    def version(self) -> int:
+        return int(self._rank0("get_version"))
 
     def get_weights(self) -> tuple[int, dict[str, torch.Tensor]]:
-        import ray
-
-        return ray.get(self.rank0.get_weights.remote(), timeout=self.timeout_s)
+        return self._rank0("get_weights")
 
     def save_checkpoint(self, run_dir: str | Path, iteration: int, **kwargs: Any) -> str:
-        import ray
+        """Rank 0 writes: every rank holds identical weights, optimizer and tracker after an update."""
+        return self._rank0("save_checkpoint", str(run_dir), iteration, **kwargs)
 
-        return ray.get(self.rank0.save_checkpoint.remote(str(run_dir), iteration, **kwargs), timeout=self.timeout_s)
-
-    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
-        return self._all("load_checkpoint", str(path))[0]
+    def load_checkpoint(self, path: str | Path, verify_checksums: bool = True) -> dict[str, Any]:
+        return self._all("load_checkpoint", str(path), verify_checksums)[0]

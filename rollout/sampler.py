@@ -7,6 +7,7 @@ C×h×w the VAE latent of an H×W image.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -148,7 +149,9 @@ def sample_trajectories(
         submit(K - 1, final)
 
     # 7. Gather the scores of every reward step.                                 rewards [B, R]
+    t_wait = time.perf_counter()  # the scores still outstanding after the last step: waited for here
     scores = sink.gather(handles)
+    reward_wait_s = time.perf_counter() - t_wait
     rewards = torch.stack([torch.as_tensor(np.asarray(s), dtype=torch.float32) for s in scores], dim=1)
 
     return Trajectory(
@@ -164,5 +167,5 @@ def sample_trajectories(
         control_images=ctrl_u8.cpu(),
         policy_version=int(policy_version),
         eta=float(settings.eta),
-        extras={"seeds": seeds},
+        extras={"seeds": seeds, "reward_wait_s": reward_wait_s},
     ).validate()
