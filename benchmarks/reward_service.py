@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         from reward_server.serve_app import deploy
 
         ray.init(
+            address="local",
             _node_ip_address="127.0.0.2",
             num_cpus=4,
             include_dashboard=False,

@@ -67,18 +67,18 @@ class Sender:
         return False
 
     def weight_layout(self, bucket_bytes: int):
-        from learner.weight_sync import WeightLayout
+        from common.weight_transport import WeightLayout
 
         return WeightLayout.from_state(self.state, bucket_bytes)
 
     def weight_sync_address(self):
-        from learner.weight_sync import free_port, node_address
+        from common.weight_transport import free_port, node_address
 
         addr = node_address()
         return addr, free_port(addr)
 
     def init_weight_sync(self, **kwargs: Any) -> int:
-        from learner.weight_sync import CollectiveEndpoint
+        from common.weight_transport import CollectiveEndpoint
 
         self._sync = CollectiveEndpoint(rank=0, **kwargs)
         return 0
@@ -88,7 +88,7 @@ class Sender:
         return version
 
     def export_weights(self, bucket_bytes: int):
-        from learner.weight_sync import WeightLayout, WeightPayload
+        from common.weight_transport import WeightLayout, WeightPayload
 
         return WeightPayload.from_state(self.version, self.state, WeightLayout.from_state(self.state, bucket_bytes))
 
@@ -107,14 +107,14 @@ class Receiver:
         self._sync = None
 
     def init_weight_sync(self, *, rank: int, **kwargs: Any) -> int:
-        from learner.weight_sync import CollectiveEndpoint
+        from common.weight_transport import CollectiveEndpoint
 
         kwargs["layout"].check(self.state)
         self._sync = CollectiveEndpoint(rank=rank, **kwargs)
         return rank
 
     def receive_weights(self, version: int, payload=None, timeout_s: float = 60.0) -> int:
-        from learner.weight_sync import receive_weights
+        from common.weight_transport import receive_weights
 
         state = receive_weights(self._sync, version, payload, timeout_s=timeout_s)
         with torch.no_grad():
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import ray
 
-    ray.init(_node_ip_address="127.0.0.2", num_cpus=8, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", _node_ip_address="127.0.0.2", num_cpus=8, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     figures: dict[str, Any] = {}
     rows = []

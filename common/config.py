@@ -85,7 +85,7 @@ class TinyModelConfig(_Section):
     num_train_timesteps: int = F(1000, description="Training timesteps of the DDIM schedule.", unit="steps", ge=2)
     vae_dir: Path | None = F(
         None,
-        description="Trained tiny VAE (a diffusers AutoencoderKL folder, e.g. written by common.tiny_pretrain; "
+        description="Trained tiny VAE (a diffusers AutoencoderKL folder, e.g. written by common.tiny.pretrain; "
         "same latent_channels and vae_block_out_channels) used instead of the random one. None: random VAE "
         "(fast tests; its decoder does not reconstruct images).",
         unit="path",

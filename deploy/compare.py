@@ -36,7 +36,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config import ConfigError, ExperimentConfig, add_config_args, apply_overrides, load_config, parse_config
+from common.config import (
+    ConfigError,
+    ExperimentConfig,
+    add_config_args,
+    apply_overrides,
+    load_config,
+    parse_config,
+)
 from learner.modes import TABLE6_ROWS, table6_overrides
 
 log = logging.getLogger("restore_rl.compare")
@@ -156,8 +163,15 @@ def run_compare(cfg: ExperimentConfig, rows: list[str], name: str, iterations: i
                 lpips_weights: str | None = None, fid_weights: str | None = None,
                 eval_samples: int = 1, resume: bool = False) -> dict[str, Any]:
     from deploy.driver import Driver
-    from deploy.evaluate import build_eval_scorer, evaluate, read_results
-    from deploy.figures import iqa_distribution_figure, iqa_groups_from_results, reward_curve, reward_curves_figure
+    from deploy.eval_metrics import build_eval_scorer
+    from deploy.eval_results import read_results
+    from deploy.evaluate import evaluate
+    from deploy.figures import (
+        iqa_distribution_figure,
+        iqa_groups_from_results,
+        reward_curve,
+        reward_curves_figure,
+    )
     from learner.checkpoint import latest_checkpoint
 
     out = Path(cfg.deploy.output_dir) / name

@@ -1,7 +1,7 @@
 """`make demo`: the main job on the embedded default (deploy/configs/demo_cpu.yaml), on one CPU box.
 
 0. Pre-training of the tiny policy's VAE as an autoencoder on the training photos
-   (:mod:`common.tiny_pretrain`): a random VAE decodes every latent to coloured noise. Cached under
+   (:mod:`common.tiny.pretrain`): a random VAE decodes every latent to coloured noise. Cached under
    ``<reward.cache_dir>/tiny_vae/`` keyed by the tiny shape, seed and recipe; it becomes
    ``model.tiny.vae_dir`` of both runs below.
 1. SFT pre-training (learner mode ``sft``, ``finetune: full``) of the tiny seeded UNet + ControlNet
@@ -46,7 +46,7 @@ log = logging.getLogger("restore_rl.demo")
 def with_pretrained_tiny_vae(cfg: ExperimentConfig) -> ExperimentConfig:
     """``cfg`` with ``model.tiny.vae_dir`` set to the cached pre-trained tiny VAE (trained on first
     use, about a minute on 2 cores). Unchanged for ``model.kind: pretrained`` or a set vae_dir."""
-    from common.tiny_pretrain import INFO_FILE, ensure_tiny_vae, tiny_vae_dir
+    from common.tiny.pretrain import INFO_FILE, ensure_tiny_vae, tiny_vae_dir
 
     if cfg.model.kind != "tiny" or cfg.model.tiny.vae_dir is not None:
         return cfg

@@ -196,7 +196,9 @@ class Driver:
         if d.ray_address == "local" and not os.environ.get("RAY_ADDRESS"):
             # A private local cluster on loopback (ENVIRONMENT.md: 127.0.0.1 is rewritten).
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-            ray.init(_node_ip_address=d.node_ip_address, namespace=d.namespace, include_dashboard=False,
+            # address="local": always a new instance, never a cluster someone else started on this
+            # machine (a bare ray.init() attaches to the latest `ray start` cluster it finds).
+            ray.init(address="local", _node_ip_address=d.node_ip_address, namespace=d.namespace, include_dashboard=False,
                      configure_logging=False, log_to_driver=False,
                      num_cpus=max(os.cpu_count() or 1, self._cpus_needed()))
             self._owns_ray = True

@@ -67,7 +67,7 @@ def iqa_groups_from_results(
     have scored the same test images with the same scorer (ValueError otherwise): their GT
     scores must then be identical.
     """
-    from deploy.evaluate import EvalResult, read_results
+    from deploy.eval_results import EvalResult, read_results
 
     if not results:
         raise ValueError("iqa_groups_from_results: no results given")

@@ -29,7 +29,7 @@ seeded generator; rank r then trains on samples r, r+K, r+2K, ... The ranks SUM 
 (each already carries the 1/m of the full batch), so the step equals one learner on the whole
 batch up to float summation order. The all-reduce goes over a stateless gloo/NCCL process
 group (a TCP store on rank 0's node): the process's default torch.distributed group stays free
-for the ray.util.collective weight-sync group of rank 0 (:mod:`learner.weight_sync`).
+for the ray.util.collective weight-sync group of rank 0 (:mod:`common.weight_transport`).
 
 Non-finite losses or gradients never reach the weights: the optimizer step is skipped (on
 every rank alike: the decision is made after the all-reduce), counted in ``skipped_steps`` and
@@ -59,6 +59,13 @@ from common.diffusion import policy_step
 from common.placement import actor_resources
 from common.policy import build_policy, images_to_tensor
 from common.types import Trajectory
+from common.weight_transport import (
+    CollectiveEndpoint,
+    WeightLayout,
+    WeightPayload,
+    free_port,
+    node_address,
+)
 from learner import checkpoint as ckpt
 from learner.advantages import RewardStatTracker, advantages_per_step, reward_increments
 from learner.losses import (
@@ -73,13 +80,6 @@ from learner.losses import (
     total_loss,
 )
 from learner.modes import loss_terms
-from learner.weight_sync import (
-    CollectiveEndpoint,
-    WeightLayout,
-    WeightPayload,
-    free_port,
-    node_address,
-)
 
 __all__ = ["Learner", "LearnerGroup", "create_learners"]
 

@@ -43,7 +43,7 @@ from typing import Any, Protocol, Self
 
 import numpy as np
 
-from rollout.reward_sink import RewardError
+from common.reward_sink import RewardError
 
 __all__ = [
     "HTTPTransport",
@@ -315,7 +315,7 @@ class HTTPTransport:
 
 # ------------------------------------------------------------------------------------ the client
 class RewardClient:
-    """A :class:`rollout.reward_sink.RewardSink` backed by the reward service.
+    """A :class:`common.reward_sink.RewardSink` backed by the reward service.
 
     Args:
         transport: :class:`ServeTransport` or :class:`HTTPTransport`.

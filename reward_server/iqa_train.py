@@ -270,7 +270,7 @@ def fine_tune_iqa_model(
     only reported, never used to choose."""
     import torch
 
-    from common.tiny_pretrain import warmup_cosine
+    from common.tiny.pretrain import warmup_cosine
 
     preset = get_preset(preset)
     if preset.mode != "levels":

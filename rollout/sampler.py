@@ -16,8 +16,9 @@ import torch
 from common.config import parse_reward_steps
 from common.diffusion import PolicyTarget, policy_step
 from common.policy import Policy, images_to_tensor, images_to_uint8
+from common.reward_sink import RewardSink
 from common.types import Trajectory
-from rollout.reward_sink import NullSink, RewardSink
+from rollout.reward_sink import NullSink
 
 __all__ = ["SamplerSettings", "sample_trajectories", "trajectory_seed"]
 

@@ -18,8 +18,8 @@ from common.config import AlgorithmConfig, DataConfig, ModelConfig, RolloutConfi
 from common.data import build_dataset
 from common.placement import actor_resources
 from common.policy import build_policy
+from common.reward_sink import RewardSink
 from common.types import RolloutSummary, Trajectory
-from rollout.reward_sink import RewardSink
 from rollout.sampler import SamplerSettings, sample_trajectories
 
 __all__ = ["RolloutWorker", "StaleWeightsError", "sampler_settings", "create_rollout_workers", "rollout_actor_options"]
@@ -108,11 +108,11 @@ class RolloutWorker:
         """The trainable tensors this worker holds (tests compare them with the learner's)."""
         return self.policy.trainable_state_dict(clone=True)
 
-    # -- weight sync, receiving side (the protocol lives in learner/weight_sync.py) ----------
+    # -- weight sync, receiving side (the protocol lives in common/weight_transport.py) ----------
     def init_weight_sync(self, *, rank: int, world_size: int, backend: str, master_addr: str, master_port: int,
                          timeout_s: float, layout: Any) -> int:
         """Join the learner's weight-sync collective group as ``rank`` (1 + worker index)."""
-        from learner.weight_sync import CollectiveEndpoint
+        from common.weight_transport import CollectiveEndpoint
 
         layout.check(self.policy.trainable_state_dict(clone=False), who=f"rollout worker {self.worker_index}")
         self.close_weight_sync()
@@ -126,7 +126,7 @@ class RolloutWorker:
                         allow_same: bool = False) -> int:
         """Receive weights of ``version`` (collective broadcast, or ``[ObjectRef]`` of the object
         store) and load them; returns the version now held."""
-        from learner.weight_sync import receive_weights
+        from common.weight_transport import receive_weights
 
         state = receive_weights(getattr(self, "_weight_sync", None), version, payload, timeout_s=timeout_s,
                                 device=self.policy.device)

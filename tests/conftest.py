@@ -50,7 +50,7 @@ def ray_local():
         # the tests below size their jobs for 8 logical CPUs, so start the one they expect.
         ray.shutdown()
     if not ray.is_initialized():
-        ray.init(_node_ip_address="127.0.0.2", num_cpus=8, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", _node_ip_address="127.0.0.2", num_cpus=8, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
         started = True
     yield ray

@@ -10,17 +10,17 @@ import pytest
 import torch
 
 from common.config import ModelConfig
+from common.controlnet_policy import ControlNetPolicy
 from common.policy import (
-    ControlNetPolicy,
     Policy,
     PolicyLoadError,
     build_policy,
-    build_tiny_policy,
     encode_prompt,
     images_to_tensor,
     images_to_uint8,
-    load_pretrained_policy,
 )
+from common.policy_loading import load_pretrained_policy
+from common.tiny.policy import build_tiny_policy
 from common.types import ShapeError
 
 RES = 32  # latent 16×16

@@ -11,8 +11,9 @@ import torch
 
 from common.config import ConfigError, ModelConfig, TinyModelConfig, parse_config
 from common.data import TEST_PHOTOS, TRAIN_PHOTOS, SyntheticRestorationDataset
-from common.policy import PolicyLoadError, build_policy, build_tiny_policy, tiny_vae
-from common.tiny_pretrain import (
+from common.policy import PolicyLoadError, build_policy
+from common.tiny.policy import build_tiny_policy, tiny_vae
+from common.tiny.pretrain import (
     INFO_FILE,
     VAEPretrainSettings,
     ensure_tiny_vae,
@@ -71,7 +72,7 @@ def test_ensure_tiny_vae_caches_and_the_policy_loads_it(tmp_path, monkeypatch):
     assert info["settings"]["steps"] == 2 and "psnr_held_out_after_db" in info
     assert not list(tmp_path.glob("*.tmp-*"))  # written to a temporary folder, then renamed
 
-    import common.tiny_pretrain as tp
+    import common.tiny.pretrain as tp
 
     monkeypatch.setattr(tp, "train_tiny_vae", lambda *a, **k: pytest.fail("retrained a cached VAE"))
     assert ensure_tiny_vae(tmp_path, seed=1, resolution=RES, settings=quick) == d

@@ -16,6 +16,9 @@ import pytest
 import torch
 
 from common.config import parse_config
+from deploy import eval_checkpoints as ec
+from deploy import eval_metrics as em
+from deploy import eval_results as er
 from deploy import evaluate as ev
 from deploy import figures
 
@@ -55,7 +58,7 @@ def cfg(workdir):
 
 @pytest.fixture(scope="module")
 def scorer(cfg):
-    return ev.build_eval_scorer(cfg, device="cpu")
+    return em.build_eval_scorer(cfg, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +106,7 @@ def rl_result(cfg, scorer, rl_checkpoint):
     )  # the run folder
 
 
-def _numbers(result: ev.EvalResult) -> list[tuple]:
+def _numbers(result: er.EvalResult) -> list[tuple]:
     return [(r.name, r.sample, r.psnr, r.ssim, r.iqa) for r in result.per_image]
 
 
@@ -112,12 +115,12 @@ def test_psnr_by_hand():
     # x ∈ [0, 0.9], y = x + 0.1 (no clipping): MSE = 0.1² = 0.01 on every pixel of the 3 channels,
     # PSNR = 10·log10(data_range² / (MSE + 1e-8)) = 10·log10(1 / 0.01000001) = 20 − 4.3e-6 dB.
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.9
-    np.testing.assert_allclose(ev.psnr(x, x + 0.1), [20.0, 20.0], atol=1e-4)
+    np.testing.assert_allclose(em.psnr(x, x + 0.1), [20.0, 20.0], atol=1e-4)
     # uint8: an offset of 51 levels is 51/255 = 0.2: PSNR = 10·log10(1/0.04) = 13.9794 dB.
     a = np.full((1, 8, 8, 3), 100, np.uint8)
-    np.testing.assert_allclose(ev.psnr(a + 51, a), [10 * math.log10(1 / 0.04)], atol=1e-4)
+    np.testing.assert_allclose(em.psnr(a + 51, a), [10 * math.log10(1 / 0.04)], atol=1e-4)
     # identical images: 10·log10(1 / 1e-8) = 80 dB (pyiqa's eps), not inf.
-    np.testing.assert_allclose(ev.psnr(a, a), [80.0], atol=1e-4)
+    np.testing.assert_allclose(em.psnr(a, a), [80.0], atol=1e-4)
 
 
 def _photo_pairs() -> tuple[np.ndarray, np.ndarray]:
@@ -139,7 +142,7 @@ def test_psnr_ssim_equal_pyiqa_and_its_documented_conventions():
     t_out, t_gt = (
         torch.from_numpy(a).permute(0, 3, 1, 2).contiguous().float() / 255 for a in (out, gt)
     )
-    ours_psnr, ours_ssim = ev.psnr(out, gt), ev.ssim(out, gt)
+    ours_psnr, ours_ssim = em.psnr(out, gt), em.ssim(out, gt)
     np.testing.assert_array_equal(
         ours_psnr, pyiqa.create_metric("psnr", device="cpu")(t_out, t_gt).double().numpy()
     )
@@ -166,7 +169,7 @@ def test_psnr_ssim_equal_pyiqa_and_its_documented_conventions():
         for o, g in zip(out, gt)
     ]
     np.testing.assert_allclose(ours_ssim, ref, atol=1e-4)
-    assert "yiq" in ev.CONVENTIONS["ssim"] and "data_range 1" in ev.CONVENTIONS["psnr"]
+    assert "yiq" in em.CONVENTIONS["ssim"] and "data_range 1" in em.CONVENTIONS["psnr"]
 
 
 # ---------------------------------------------------------------------------------- evaluate
@@ -185,7 +188,7 @@ def test_base_writes_results_images_and_notes(base_result, workdir):
     )
     assert (out / "grid.png").is_file() and len(list((out / "reference" / "gt").glob("*.png"))) == 3
     # LPIPS/FID without local weights: the note, never a number.
-    for key, note in (("lpips", ev.NOTE_LPIPS), ("fid", ev.NOTE_FID)):
+    for key, note in (("lpips", em.NOTE_LPIPS), ("fid", em.NOTE_FID)):
         row = base_result.metrics[key]
         assert row.restored is None and row.lq is None and row.note == note
         assert js["metrics"][key]["restored"] is None and js["metrics"][key]["note"] == note
@@ -193,8 +196,8 @@ def test_base_writes_results_images_and_notes(base_result, workdir):
     assert all(r["lpips"] is None for r in js["per_image"])
     assert "not computed: needs local weights (--lpips-weights)" in md
     # pyiqa conventions are written out; the JSON reads back to the same result.
-    assert "Y = 0.299·R + 0.587·G + 0.114·B" in md and js["conventions"] == ev.CONVENTIONS
-    back = ev.read_results(out)
+    assert "Y = 0.299·R + 0.587·G + 0.114·B" in md and js["conventions"] == em.CONVENTIONS
+    back = er.read_results(out)
     assert _numbers(back) == _numbers(base_result) and back.mean("psnr") == base_result.mean("psnr")
     assert back.mean("lpips") is None
 
@@ -230,17 +233,17 @@ def test_run_checkpoint_is_loaded_verified_and_checked_against_the_config(
         r.iqa_gt for r in base_result.ground_truth
     ]
     # its trainable/ folder is verified as part of the whole checkpoint
-    assert ev.resolve_checkpoint(rl_checkpoint / "trainable") == ev.resolve_checkpoint(
+    assert ec.resolve_checkpoint(rl_checkpoint / "trainable") == ec.resolve_checkpoint(
         rl_checkpoint
     )
     # a --config whose model differs from the run's (another tiny seed) is refused, naming the field
     other = parse_config(
         {**_cfg_dict(workdir / "runs"), "model": {"kind": "tiny", "tiny": {"seed": 1}}}
     )
-    with pytest.raises(ev.EvaluationError, match=r"model\.tiny\.seed"):
-        ev.load_eval_policy(other, ev.resolve_checkpoint(rl_checkpoint))
-    with pytest.raises(ev.EvaluationError, match="not a checkpoint"):
-        ev.resolve_checkpoint(workdir / "base" / "images")
+    with pytest.raises(er.EvaluationError, match=r"model\.tiny\.seed"):
+        ec.load_eval_policy(other, ec.resolve_checkpoint(rl_checkpoint))
+    with pytest.raises(er.EvaluationError, match="not a checkpoint"):
+        ec.resolve_checkpoint(workdir / "base" / "images")
 
 
 # ------------------------------------------------------------------------------- LPIPS and FID
@@ -250,7 +253,7 @@ def lpips_files(workdir):
     the heads only (lin0..4), and torchvision's AlexNet state dict."""
     import torchvision
 
-    with ev._no_torchvision_download():
+    with em._no_torchvision_download():
         from pyiqa.archs.lpips_arch import LPIPS
 
         torch.manual_seed(0)
@@ -293,15 +296,15 @@ def fid_file(workdir):
 def test_lpips_needs_every_tensor_from_local_files(lpips_files):
     full, heads, backbone = lpips_files
     out, gt = _photo_pairs()
-    d_full = ev.lpips_distance(ev.build_lpips(full), out, gt)
+    d_full = em.lpips_distance(em.build_lpips(full), out, gt)
     assert d_full.shape == (2,) and np.all(np.isfinite(d_full)) and np.all(d_full > 0)
-    assert np.all(ev.lpips_distance(ev.build_lpips(full), gt, gt) < 1e-6)
-    with pytest.raises(ev.EvaluationError, match="--lpips-backbone"):
-        ev.build_lpips(heads)
-    d_split = ev.lpips_distance(ev.build_lpips(heads, backbone), out, gt)
+    assert np.all(em.lpips_distance(em.build_lpips(full), gt, gt) < 1e-6)
+    with pytest.raises(er.EvaluationError, match="--lpips-backbone"):
+        em.build_lpips(heads)
+    d_split = em.lpips_distance(em.build_lpips(heads, backbone), out, gt)
     assert np.all(np.isfinite(d_split))
-    with pytest.raises(ev.EvaluationError, match="no such file"):
-        ev.build_lpips(full.parent / "missing.pth")
+    with pytest.raises(er.EvaluationError, match="no such file"):
+        em.build_lpips(full.parent / "missing.pth")
 
 
 def test_lpips_computed_with_local_weights(cfg, scorer, base_result, lpips_files, workdir):
@@ -319,12 +322,12 @@ def test_lpips_computed_with_local_weights(cfg, scorer, base_result, lpips_files
     assert all(math.isfinite(r.lpips) for r in res.per_image)
     assert all(math.isfinite(g.lpips_lq) for g in res.ground_truth)
     md = (workdir / "with-lpips" / "results.md").read_text()
-    assert ev.NOTE_LPIPS not in md and ev.NOTE_FID in md and "| LPIPS |" in md
+    assert em.NOTE_LPIPS not in md and em.NOTE_FID in md and "| LPIPS |" in md
 
 
 def test_fid_is_wired_to_the_restored_and_ground_truth_folders(cfg, scorer, workdir, monkeypatch):
-    with pytest.raises(ev.EvaluationError, match="--fid-weights .*no such file"):
-        ev.fid_between_folders(workdir, workdir, workdir / "missing.pth")
+    with pytest.raises(er.EvaluationError, match="--fid-weights .*no such file"):
+        em.fid_between_folders(workdir, workdir, workdir / "missing.pth")
     weights = workdir / "fid-stand-in.pth"  # fid_between_folders is replaced: never read
     weights.touch()
     calls = []
@@ -338,14 +341,14 @@ def test_fid_is_wired_to_the_restored_and_ground_truth_folders(cfg, scorer, work
         (workdir / "with-fid" / "images", workdir / "with-fid" / "reference" / "gt", weights)
     ]
     assert res.metrics["fid"].restored.mean == 12.5 and "3 restored vs 3" in res.metrics["fid"].note
-    assert ev.NOTE_FID not in (workdir / "with-fid" / "results.md").read_text()
+    assert em.NOTE_FID not in (workdir / "with-fid" / "results.md").read_text()
 
 
 @pytest.mark.slow  # the 2048×2048 matrix square root of FID: 15–40 s on 2 shared cores
 def test_fid_with_local_weights(base_result, fid_file):
     # pyiqa's FID with the local file loaded strictly, restored set vs ground-truth set
     out = Path(base_result.out_dir)
-    value = ev.fid_between_folders(out / "images", out / "reference" / "gt", fid_file)
+    value = em.fid_between_folders(out / "images", out / "reference" / "gt", fid_file)
     assert math.isfinite(value)
 
 
@@ -445,3 +448,31 @@ def test_figure_6_reward_curves(workdir):
         == 0
     )
     _assert_real_png(workdir / "f6.png")
+
+
+def test_results_schema_round_trips_and_names_the_bad_field(tmp_path):
+    """results.json is the pydantic schema's dump; a mistyped field is one error naming the file and field."""
+    stat = er.Stat.of([1.0, 2.0, 4.0])
+    assert (stat.n, round(stat.mean, 6)) == (3, round(7 / 3, 6))
+    result = er.EvalResult(
+        label="arm", checkpoint=er.CheckpointInfo(kind="base", config_yaml="model: {}\n"),
+        metrics={"psnr": er.MetricRow(name="psnr", label="PSNR", restored=stat, digits=2)},
+        per_image=[er.ImageRecord(id=0, name="a", sample=0, file="images/a.png", psnr=20.0, ssim=0.5, iqa=0.7)],
+        ground_truth=[er.ReferenceRecord(id=0, name="a", gt_file="g.png", lq_file="l.png", iqa_gt=0.9, iqa_lq=0.2,
+                                         psnr_lq=10.0, ssim_lq=0.3)],
+        sampler={"num_inference_steps": 4}, data={"num_images": 1}, scorer={"name": "s", "version": "1"},
+        conventions={"psnr": "rgb"}, seconds=1.5,
+    )
+    d = result.to_dict()
+    assert list(d)[:4] == ["format", "version", "label", "checkpoint"]
+    assert "config_yaml" not in d["checkpoint"]  # the config snapshot is not repeated in the results
+    (tmp_path / "results.json").write_text(json.dumps(d))
+    back = er.read_results(tmp_path)
+    assert back.to_dict() == d and back.out_dir == str(tmp_path) and back.mean("psnr") == stat.mean
+    d["per_image"][0]["psnr"] = "high"
+    (tmp_path / "results.json").write_text(json.dumps(d))
+    with pytest.raises(er.EvaluationError, match=r"results\.json: per_image\.0\.psnr"):
+        er.read_results(tmp_path)
+    (tmp_path / "results.json").write_text("{not json")
+    with pytest.raises(er.EvaluationError, match="not a readable results file"):
+        er.read_results(tmp_path)

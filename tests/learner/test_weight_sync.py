@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from common.config import AlgorithmConfig, LearnerConfig, ModelConfig, RolloutConfig
-from learner.weight_sync import (
+from common.weight_transport import (
     AUTO_OBJECT_STORE_MAX_BYTES,
     StaleWorkerError,
     WeightLayout,
     WeightPayload,
-    WeightSync,
     WeightSyncError,
     choose_method,
 )
+from learner.weight_sync import WeightSync
 
 MODEL = ModelConfig(kind="tiny")
 

@@ -131,7 +131,7 @@ def ray_cluster():
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     started = False
     if not ray.is_initialized():
-        ray.init(_node_ip_address="127.0.0.2", num_cpus=8, include_dashboard=False,
+        ray.init(address="local", _node_ip_address="127.0.0.2", num_cpus=8, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
         started = True
     yield ray

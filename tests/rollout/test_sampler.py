@@ -8,7 +8,8 @@ import torch
 
 from common.diffusion import policy_step
 from common.policy import images_to_tensor
-from rollout.reward_sink import RewardError, ThreadPoolSink
+from common.reward_sink import RewardError
+from rollout.reward_sink import ThreadPoolSink
 from rollout.sampler import SamplerSettings, sample_trajectories, trajectory_seed
 
 RES = 32

@@ -1,6 +1,6 @@
 """Pre-training of the tiny policy's VAE, so the CPU demo's outputs can look like photographs.
 
-The tiny policy (:func:`common.policy.build_tiny_policy`) is seeded and random. A random
+The tiny policy (:func:`common.tiny.policy.build_tiny_policy`) is seeded and random. A random
 ``AutoencoderKL`` does not reconstruct images: decode(encode(x)) is coloured noise, so even a
 perfect latent denoiser would decode to garbage. This module trains the tiny VAE as a plain
 autoencoder on random crops of the *training* photographs of the synthetic dataset
@@ -11,7 +11,7 @@ Recipe (:class:`VAEPretrainSettings`): crops of 40–100 % of a photo's shorter 
 the data resolution, a random ``crop``² window of that, mirrored / rotated by k·90°, with a random
 gamma (exposure) jitter; loss L1 + L2 between x and decode(posterior mean); AdamW with a linear
 warm-up and cosine decay. The KL term of a VAE is left out: encode uses the posterior mean
-(deterministic SFT targets, :meth:`common.policy.ControlNetPolicy.encode_images`). Afterwards the
+(deterministic SFT targets, :meth:`common.controlnet_policy.ControlNetPolicy.encode_images`). Afterwards the
 latent mean and standard deviation over training crops set ``shift_factor`` and
 ``scaling_factor`` (as Stable Diffusion's 0.18215), so a scaled latent has unit variance — what
 the diffusion schedule assumes of x_0.
@@ -263,7 +263,7 @@ def ensure_tiny_vae(
     never leaves a half-written cache and two concurrent callers both end with a complete one.
     """
     from common.data import SyntheticRestorationDataset
-    from common.policy import tiny_vae
+    from common.tiny.policy import tiny_vae
 
     settings = settings or VAEPretrainSettings()
     final = tiny_vae_dir(
