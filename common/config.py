@@ -25,6 +25,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from common.placement import check_custom_resources
+
 __all__ = [
     "ConfigError",
     "ExperimentConfig",
@@ -201,6 +203,11 @@ class RolloutConfig(_Section):
         unit="restarts", ge=0,
     )
 
+    @field_validator("custom_resources")
+    @classmethod
+    def _check_custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        return check_custom_resources(v, "custom_resources")
+
 
 # -------------------------------------------------------------------------------------- reward
 class IQATrainConfig(_Section):
@@ -370,6 +377,11 @@ class RewardConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = F("bfloat16", description="VLM weights dtype.")
     iqa_train: IQATrainConfig = F(default_factory=IQATrainConfig, description="IQA model training and refresh.")
 
+    @field_validator("custom_resources")
+    @classmethod
+    def _check_custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        return check_custom_resources(v, "custom_resources")
+
     @model_validator(mode="after")
     def _check(self) -> "RewardConfig":
         if self.backend in ("vllm", "transformers") and self.model_kind == "local" and self.model_path is None:
@@ -508,6 +520,11 @@ class LearnerConfig(_Section):
         unit="steps", ge=1,
     )
     seed: int = F(0, description="Seed of SFT noise/timesteps and data order.")
+
+    @field_validator("custom_resources")
+    @classmethod
+    def _check_custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        return check_custom_resources(v, "custom_resources")
 
 
 # -------------------------------------------------------------------------------------- deploy

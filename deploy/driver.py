@@ -38,6 +38,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 
 from common.config import ExperimentConfig, add_config_args, config_from_args
+from common.placement import bundle
 from common.types import RolloutSummary, Trajectory
 from deploy.outputs import RunDir, plot_curves, sample_grid
 
@@ -262,21 +264,8 @@ class Driver:
                 )
 
     def _placement_group(self, role: str, n: int, cpus: float, gpus: float, custom: dict[str, float]):
-        from ray.util import placement_group
-
-        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **custom}
-        bundle = {k: v for k, v in bundle.items() if v}
-        pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK",
-                             name=f"restore-rl-{self.cfg.deploy.run_name}-{role}")
-        self._pgs.append(pg)
-        import ray
-
-        ready, _ = ray.wait([pg.ready()], timeout=120)
-        if not ready:
-            raise RuntimeError(
-                f"could not place {n} {role} actor(s) of {bundle} within 120 s: the cluster lacks the resources "
-                f"(available: {ray.available_resources()}; held by: {_resource_holders()})"
-            )
+        pg = role_placement_group(role, n, cpus, gpus, custom, name=f"restore-rl-{self.cfg.deploy.run_name}-{role}",
+                                  on_created=self._pgs.append)
         return pg
 
     def _start_reward(self) -> Any:
@@ -799,6 +788,28 @@ class Driver:
         if hasattr(ds, "summary"):  # each skipped file also had its own BadFileWarning
             print(f"[data] {ds.summary()}", flush=True)
         return ds
+
+
+def role_placement_group(role: str, n: int, cpus: float, gpus: float, custom: dict[str, float], *, name: str,
+                         timeout_s: float = 120.0, on_created: Callable[[Any], None] | None = None) -> Any:
+    """Reserve ``n`` bundles of one role (CPUs, GPUs and its custom resources: they decide the
+    node, so a role's actors land on the pool that advertises its resource) and wait until Ray
+    has placed them. ``on_created`` gets the group before the wait (to remove it if the wait
+    fails). Raises RuntimeError naming the role and what is free when it cannot be placed."""
+    import ray
+    from ray.util import placement_group
+
+    one = bundle(cpus, gpus, custom)
+    pg = placement_group([dict(one) for _ in range(n)], strategy="PACK", name=name)
+    if on_created is not None:
+        on_created(pg)
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        raise RuntimeError(
+            f"could not place {n} {role} actor(s) of {one} within {timeout_s:g} s: the cluster lacks the resources "
+            f"(available: {ray.available_resources()}; held by: {_resource_holders()})"
+        )
+    return pg
 
 
 def _resource_holders() -> str:

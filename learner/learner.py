@@ -57,6 +57,7 @@ import torch
 from common.config import AlgorithmConfig, DataConfig, LearnerConfig, ModelConfig
 from common.data import build_dataset
 from common.diffusion import policy_step
+from common.placement import actor_resources
 from common.policy import build_policy, images_to_tensor
 from common.types import Trajectory
 from common.weight_transport import (
@@ -842,6 +843,20 @@ class Learner:
 
 
 # ---------------------------------------------------------------------------------- Ray actors
+def learner_actor_options(learner_cfg: LearnerConfig, placement_group: Any = None, bundle_index: int = 0) -> dict[str, Any]:
+    """Ray options of one learner: its CPUs, GPUs and ``custom_resources`` (these pin it to the
+    learner pool, with or without a placement group), and bundle ``bundle_index`` of
+    ``placement_group`` when one is given."""
+    opts = actor_resources(learner_cfg.num_cpus_per_learner, learner_cfg.num_gpus_per_learner,
+                           learner_cfg.custom_resources)
+    if placement_group is not None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=placement_group, placement_group_bundle_index=bundle_index)
+    return opts
+
+
 def create_learners(
     model_cfg: ModelConfig,
     data_cfg: DataConfig,
@@ -858,16 +873,11 @@ def create_learners(
     actors, rank 0 first (see :class:`LearnerGroup` for the driver-side calls).
     """
     import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     K = learner_cfg.num_learners
     actors = []
     for r in range(K):
-        opts: dict[str, Any] = {"num_cpus": learner_cfg.num_cpus_per_learner,
-                                "num_gpus": learner_cfg.num_gpus_per_learner}
-        if placement_group is not None:
-            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                placement_group=placement_group, placement_group_bundle_index=bundle_offset + r)
+        opts = learner_actor_options(learner_cfg, placement_group, bundle_offset + r)
         actors.append(ray.remote(Learner).options(**opts).remote(
             model_cfg, data_cfg, algorithm, learner_cfg, rank=r, world_size=K))
     if K > 1:

@@ -15,7 +15,8 @@ Sizing (all from ``RewardConfig``, independent of rollout):
   the config requires it to be >= ``max_batch_size``.
 * ``num_replicas``, or ``autoscaling`` between ``min_replicas`` and ``max_replicas`` at
   ``target_ongoing_requests`` per replica.
-* ``num_gpus_per_replica`` / ``num_cpus_per_replica`` (``ray_actor_options``);
+* ``num_gpus_per_replica`` / ``num_cpus_per_replica`` / ``custom_resources`` (``ray_actor_options``:
+  the custom resources keep every replica, a new one after a scale-up too, on the reward pool);
   ``tensor_parallel_size`` is passed to vLLM, which shards the model over the GPUs Ray gave the
   replica (so ``num_gpus_per_replica`` must be at least ``tensor_parallel_size``).
 
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from ray import serve
 
+from common.placement import actor_resources
 from reward_server.factory import ScoredImage, ScoreFailed, check_image, score_batch, scorer_spec
 
 if TYPE_CHECKING:
@@ -218,10 +220,9 @@ def deployment_options(reward: RewardConfig) -> dict[str, Any]:
             f"reward.num_gpus_per_replica ({reward.num_gpus_per_replica}) < reward.tensor_parallel_size "
             f"({reward.tensor_parallel_size}): vLLM shards the model over the replica's own GPUs"
         )
-    actor: dict[str, Any] = {
-        "num_cpus": reward.num_cpus_per_replica,
-        "num_gpus": reward.num_gpus_per_replica,
-    }
+    # custom_resources pin the replicas to the reward pool (e.g. the KubeRay group advertising
+    # reward_gpu); num_gpus alone would let a replica take a rollout or learner GPU.
+    actor = actor_resources(reward.num_cpus_per_replica, reward.num_gpus_per_replica, reward.custom_resources)
     env = {k: os.environ[k] for k in _PROPAGATED_ENV if k in os.environ}
     if env:
         actor["runtime_env"] = {"env_vars": env}

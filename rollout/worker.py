@@ -16,12 +16,13 @@ import torch
 
 from common.config import AlgorithmConfig, DataConfig, ModelConfig, RolloutConfig
 from common.data import build_dataset
+from common.placement import actor_resources
 from common.policy import build_policy
 from common.reward_sink import RewardSink
 from common.types import RolloutSummary, Trajectory
 from rollout.sampler import SamplerSettings, sample_trajectories
 
-__all__ = ["RolloutWorker", "StaleWeightsError", "sampler_settings", "create_rollout_workers"]
+__all__ = ["RolloutWorker", "StaleWeightsError", "sampler_settings", "create_rollout_workers", "rollout_actor_options"]
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,20 @@ class RolloutWorker:
                 "gt": np.stack([p.gt for p in pairs])}
 
 
+def rollout_actor_options(rollout: RolloutConfig, placement_group: Any = None, index: int = 0) -> dict[str, Any]:
+    """Ray options of rollout worker ``index``: its CPUs, GPUs and ``custom_resources`` (these pin it
+    to the rollout pool, with or without a placement group), its restart policy, and bundle
+    ``index`` of ``placement_group`` when one is given."""
+    opts = actor_resources(rollout.num_cpus_per_worker, rollout.num_gpus_per_worker, rollout.custom_resources)
+    opts.update(max_restarts=rollout.max_restarts, max_task_retries=0)
+    if placement_group is not None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=placement_group, placement_group_bundle_index=index)
+    return opts
+
+
 def create_rollout_workers(
     rollout: RolloutConfig,
     algorithm: AlgorithmConfig,
@@ -207,7 +222,6 @@ def create_rollout_workers(
 ) -> list[Any]:
     """Start ``rollout.num_workers`` RolloutWorker actors (one bundle each in ``placement_group``)."""
     import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     settings = sampler_settings(rollout, algorithm)
     actors = []
@@ -215,11 +229,6 @@ def create_rollout_workers(
         # A dead worker is restarted by Ray (its constructor runs again: initial weights, version
         # 0); its task is not retried by Ray: the driver re-sends the chunk after pushing the
         # current weights (deploy/driver.py, _gather_rollout), so the trajectories are the same.
-        opts: dict[str, Any] = {"num_cpus": rollout.num_cpus_per_worker, "num_gpus": rollout.num_gpus_per_worker,
-                                "max_restarts": rollout.max_restarts, "max_task_retries": 0}
-        if placement_group is not None:
-            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                placement_group=placement_group, placement_group_bundle_index=i)
-        actor_cls = ray.remote(RolloutWorker).options(**opts)
+        actor_cls = ray.remote(RolloutWorker).options(**rollout_actor_options(rollout, placement_group, i))
         actors.append(actor_cls.remote(i, model_cfg, data_cfg, settings, rollout.seed, reward_sink_factory))
     return actors
