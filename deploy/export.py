@@ -6,7 +6,7 @@
 The folder is a ``StableDiffusionControlNetPipeline`` (``model_index.json``, ``unet/``,
 ``controlnet/``, ``vae/``, ``scheduler/``) that diffusers loads alone, without this project::
 
-    pipe = StableDiffusionControlNetPipeline.from_pretrained(DIR)
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(DIR, text_encoder=None, tokenizer=None)
     embeds = safetensors.torch.load_file(f"{DIR}/prompt_embeds.safetensors")["prompt_embeds"]
     out = pipe(image=lq, prompt_embeds=embeds, guidance_scale=1.0, eta=0.0,
                num_inference_steps=K, generator=torch.Generator().manual_seed(s), output_type="np")
@@ -23,8 +23,11 @@ makes the diffusers pipeline compute the same:
 * Prompt: one fixed embedding [1, L, D] (a tiny policy has no text encoder; a pretrained one
   embeds ``model.prompt`` once), saved as ``prompt_embeds.safetensors``; pass it as
   ``prompt_embeds``. No classifier-free guidance: ``guidance_scale=1.0`` (diffusers' default 7.5
-  would add an unconditional branch the policy never had). A pretrained model's ``text_encoder/``
-  and ``tokenizer/`` are exported too, so ``prompt=model.prompt`` also works there.
+  would add an unconditional branch the policy never had). Without a text encoder the folder's
+  ``model_index.json`` records ``text_encoder``/``tokenizer`` as ``[null, null]``, and diffusers
+  (0.42) wants them passed explicitly: ``from_pretrained(DIR, text_encoder=None, tokenizer=None)``.
+  A pretrained model's ``text_encoder/`` and ``tokenizer/`` are exported too, so there a plain
+  ``from_pretrained(DIR)`` and ``prompt=model.prompt`` also work (not covered by the tests).
 * VAE: the policy decodes ``latents / scaling_factor + shift_factor``; the pipeline ignores
   ``shift_factor``. The export folds the shift into the VAE's 1×1 ``quant_conv`` (mean half of the
   bias: −shift) and ``post_quant_conv`` (bias + W·shift), and writes ``shift_factor: null``: the
@@ -69,6 +72,7 @@ __all__ = [
     "main",
     "merged_controlnet",
     "resolve_run_checkpoint",
+    "usage_markdown",
     "write_pipeline",
 ]
 
@@ -183,7 +187,7 @@ def _text_components(cfg: ExperimentConfig) -> tuple[Any, Any]:
             CLIPTextModel.from_pretrained(str(te), local_files_only=True),
             AutoTokenizer.from_pretrained(str(tok), local_files_only=True),
         )
-    except Exception as err:  # noqa: BLE001 - transformers raises several types
+    except Exception as err:
         raise ExportError(f"{root}: could not load text_encoder/ + tokenizer/ to export ({err})") from err
 
 
@@ -307,7 +311,6 @@ def export_checkpoint(
     The folder is written next to ``out`` under a temporary name and renamed into place when
     complete, so a failed export leaves no half-written ``out``.
     """
-    import diffusers
 
     from deploy.evaluate import eval_sampler, load_eval_policy
 
@@ -388,6 +391,7 @@ def export_checkpoint(
             "notes": notes,
         }
         (tmp / EXPORT_INFO_FILE).write_text(json.dumps(record, indent=1) + "\n")
+        (tmp / "README.md").write_text(usage_markdown(result, text_encoder=bool(facts["text_encoder"])))
         if out.is_dir():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
@@ -395,6 +399,38 @@ def export_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
+
+
+def usage_markdown(result: ExportResult, *, text_encoder: bool) -> str:
+    """The export folder's README: how to restore an image with diffusers alone."""
+    load = "from_pretrained(d)" if text_encoder else "from_pretrained(d, text_encoder=None, tokenizer=None)"
+    lines = [
+        f"# restore-rl export ({PIPELINE_CLASS})",
+        "",
+        (f"Checkpoint `{result.checkpoint}` (iteration {result.iteration}, finetune {result.finetune}, "
+        f"LoRA merged: {result.lora_merged}), written with diffusers {result.diffusers_version}."),
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import StableDiffusionControlNetPipeline",
+        "from PIL import Image",
+        "from safetensors.torch import load_file",
+        "",
+        'd = "."  # this folder',
+        f"pipe = StableDiffusionControlNetPipeline.{load}",
+        f'embeds = load_file(f"{{d}}/{_prompt_embeds_file()}")["prompt_embeds"]',
+        'lq = Image.open("lq.png").convert("RGB")  # the degraded image, e.g. at the run data.resolution',
+        "out = pipe(image=lq, prompt_embeds=embeds, guidance_scale=1.0, eta=0.0,",
+        f"           num_inference_steps={result.num_inference_steps}, generator=torch.Generator().manual_seed(0)).images[0]",
+        "```",
+        "",
+        ("`guidance_scale=1.0`: the policy has no classifier-free guidance. At eta = 0 this is the "
+        "project's own deterministic restoration (plain DDIM) to float32 rounding. "
+        f"The run evaluates with eta = {result.eta}, policy_target {result.policy_target!r}. "
+        f"Provenance: `{EXPORT_INFO_FILE}`."),
+    ]
+    lines += [f"\nNote: {n}" for n in result.notes]
+    return "\n".join(lines) + "\n"
 
 
 def _versions() -> dict[str, str]:
