@@ -372,7 +372,7 @@ def export_checkpoint(
                      "alpha": cfg.model.lora_alpha, "target_modules": list(cfg.model.lora_target_modules)}
                     if cfg.model.finetune == "lora" else None
                 ),
-                "init_checkpoint": None if cfg.model.init_checkpoint is None else str(cfg.model.init_checkpoint),
+                "init_checkpoint": None if cfg.model.init_checkpoint is None else os.path.abspath(cfg.model.init_checkpoint),
                 "init_checkpoint_merged": cfg.model.init_checkpoint is not None,
                 "vae_shift_folded": result.vae_shift_folded,
                 "dtype": "float32",
