@@ -27,7 +27,7 @@ makes the diffusers pipeline compute the same:
   ``model_index.json`` records ``text_encoder``/``tokenizer`` as ``[null, null]``, and diffusers
   (0.42) wants them passed explicitly: ``from_pretrained(DIR, text_encoder=None, tokenizer=None)``.
   A pretrained model's ``text_encoder/`` and ``tokenizer/`` are exported too, so there a plain
-  ``from_pretrained(DIR)`` and ``prompt=model.prompt`` also work (not covered by the tests).
+  ``from_pretrained(DIR)`` and ``prompt=model.prompt`` also work.
 * VAE: the policy decodes ``latents / scaling_factor + shift_factor``; the pipeline ignores
   ``shift_factor``. The export folds the shift into the VAE's 1×1 ``quant_conv`` (mean half of the
   bias: −shift) and ``post_quant_conv`` (bias + W·shift), and writes ``shift_factor: null``: the
@@ -202,6 +202,7 @@ def write_pipeline(
     """
     import torch
     from diffusers import StableDiffusionControlNetPipeline
+    from diffusers.utils import logging as diffusers_logging
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -219,7 +220,14 @@ def write_pipeline(
         image_encoder=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(str(out), safe_serialization=True)
+    # diffusers logs "self.text_encoder=None ... cannot be saved" for every absent component:
+    # expected here (they are recorded as [null, null]), so only errors are shown while saving.
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        pipe.save_pretrained(str(out), safe_serialization=True)
+    finally:
+        diffusers_logging.set_verbosity(level)
     save_file(
         {"prompt_embeds": policy.prompt_embeds.detach().to("cpu", torch.float32).contiguous()},
         str(out / _prompt_embeds_file()),

@@ -50,12 +50,16 @@ from diffusers import StableDiffusionControlNetPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-d, png, seed, steps, etas, out = sys.argv[1:]
-pipe = StableDiffusionControlNetPipeline.from_pretrained(d, text_encoder=None, tokenizer=None)
-embeds = load_file(f"{d}/prompt_embeds.safetensors")["prompt_embeds"]
+d, png, seed, steps, etas, out, prompt = sys.argv[1:]
+if prompt == "-":  # no text encoder: the saved prompt embedding
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(d, text_encoder=None, tokenizer=None)
+    text = {"prompt_embeds": load_file(f"{d}/prompt_embeds.safetensors")["prompt_embeds"]}
+else:  # the exported text encoder + tokenizer embed the prompt
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(d)
+    text = {"prompt": prompt}
 restored = {}
 for eta in etas.split(","):
-    images = pipe(image=Image.open(png).convert("RGB"), prompt_embeds=embeds, guidance_scale=1.0,
+    images = pipe(image=Image.open(png).convert("RGB"), **text, guidance_scale=1.0,
                   eta=float(eta), num_inference_steps=int(steps),
                   generator=torch.Generator().manual_seed(int(seed)), output_type="np").images
     restored[f"eta={eta}"] = images[0]
@@ -94,10 +98,15 @@ def _shifted_vae(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cfg(workdir):
+def vae_dir(workdir) -> Path:
+    return _shifted_vae(workdir / "vae")
+
+
+@pytest.fixture(scope="module")
+def cfg(workdir, vae_dir):
     return parse_config(
         {
-            "model": {"kind": "tiny", "tiny": {"vae_dir": str(_shifted_vae(workdir / "vae"))}},
+            "model": {"kind": "tiny", "tiny": {"vae_dir": str(vae_dir)}},
             "data": {"kind": "synthetic", "resolution": RES, "num_synthetic": 2, "num_test": 1},
             "rollout": {"num_inference_steps": K, "eta": 1.0, "samples_per_input": 1, "batch_size": 1},
             "evaluation": {"eta": 0.0, "policy_target": "standard"},
@@ -156,12 +165,13 @@ def _project_restoration(cfg, checkpoint, pair) -> tuple[np.ndarray, np.ndarray]
 
 
 def _diffusers_restoration(
-    export_dir: Path, png: Path, seed: int, etas: str, out: Path, steps: int = K
+    export_dir: Path, png: Path, seed: int, etas: str, out: Path, steps: int = K, prompt: str = "-"
 ) -> dict:
-    """Run :data:`DIFFUSERS_ONLY` in a fresh interpreter; the images land in ``out`` (.npz)."""
+    """Run :data:`DIFFUSERS_ONLY` in a fresh interpreter; the images land in ``out`` (.npz).
+    ``prompt`` "-": pass the saved prompt_embeds; else the prompt text (exported text encoder)."""
     proc = subprocess.run(
         [sys.executable, "-I", "-c", DIFFUSERS_ONLY, str(export_dir), str(png), str(seed), str(steps),
-         etas, str(out)],
+         etas, str(out), prompt],
         check=False, capture_output=True, text=True, timeout=600, cwd=out.parent,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -289,3 +299,102 @@ def test_errors_are_clear(run, workdir, capsys):
     assert "ckpt-000099" in capsys.readouterr().err
     assert ex.main(["--run", str(workdir / "nope"), "--out", str(workdir / "o4")]) == 2
     assert "not a folder" in capsys.readouterr().err
+    # 5. bare trainable weights carry no config snapshot: --config is needed
+    bare = workdir / "bare-trainable"
+    shutil.copytree(next((run / "checkpoints").glob("ckpt-*/trainable")), bare)
+    assert ex.main(["--run", str(run), "--checkpoint", str(bare), "--out", str(workdir / "o5")]) == 2
+    assert "no config.yaml snapshot; pass --config" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- a pretrained folder with CLIP
+def _tiny_clip(folder: Path, width: int) -> None:
+    """A tiny CLIP text encoder + a character-level CLIP tokenizer (nothing downloads)."""
+    import string
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    chars = [*string.ascii_lowercase, ","]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab |= {c + "</w>": len(chars) + i for i, c in enumerate(chars)}
+    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+    raw = folder / "raw_tokenizer"
+    raw.mkdir(parents=True)
+    (raw / "vocab.json").write_text(json.dumps(vocab))
+    (raw / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(raw / "vocab.json"), str(raw / "merges.txt"), model_max_length=16).save_pretrained(
+        str(folder / "tokenizer")
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        te = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=16, bos_token_id=len(vocab) - 2,
+            eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1,
+        ))
+    te.save_pretrained(str(folder / "text_encoder"))
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(workdir, vae_dir) -> tuple:
+    """A kind=pretrained run: unet/ vae/ scheduler/ text_encoder/ tokenizer/ and no controlnet/
+    (the ControlNet is copied from the UNet: its zero convolutions train in full beside the LoRA,
+    peft modules_to_save, which the merge must keep too)."""
+    from common.policy import build_policy, build_tiny_policy
+    from learner.checkpoint import save_checkpoint
+
+    folder = workdir / "sd-tiny"
+    tiny = build_tiny_policy(RES, seed=1, vae_dir=vae_dir)
+    tiny.unet.save_pretrained(str(folder / "unet"))
+    tiny.vae.save_pretrained(str(folder / "vae"))
+    tiny.scheduler.save_pretrained(str(folder / "scheduler"))
+    _tiny_clip(folder, tiny.unet.config.cross_attention_dim)
+    cfg = parse_config(
+        {
+            "model": {"kind": "pretrained", "pretrained_dir": str(folder), "prompt": "a sharp photo"},
+            "data": {"kind": "synthetic", "resolution": RES, "num_synthetic": 2, "num_test": 1},
+            "rollout": {"num_inference_steps": K, "eta": 1.0, "samples_per_input": 1, "batch_size": 1},
+            "evaluation": {"eta": 0.0},
+            "reward": {"backend": "pyiqa", "pyiqa_metric": "piqe"},
+            "deploy": {"output_dir": str(workdir / "runs"), "run_name": "pretrained"},
+        }
+    )
+    policy = build_policy(cfg.model, RES)
+    sd = policy.trainable_state_dict()
+    assert any("modules_to_save" in k for k in sd)
+    gen = torch.Generator().manual_seed(8)
+    policy.load_trainable_state_dict({k: v + 0.2 * torch.randn(v.shape, generator=gen) for k, v in sd.items()})
+    run_dir = workdir / "runs" / "pretrained"
+    save_checkpoint(run_dir, 1, policy=policy, optimizer=torch.optim.AdamW(policy.trainable_parameters()),
+                    tracker_state={}, rng_state={}, policy_version=1, config_yaml=cfg.to_yaml())
+    return cfg, run_dir
+
+
+@pytest.mark.slow
+def test_pretrained_export_ships_the_text_encoder_and_restores_from_the_prompt(
+    pretrained_run, lq_pair, workdir
+):
+    from PIL import Image
+
+    from deploy.evaluate import EVAL_ROUND
+    from rollout.sampler import trajectory_seed
+
+    cfg, run_dir = pretrained_run
+    out = workdir / "export-pretrained"
+    result = ex.export_checkpoint(run_dir, out)
+    assert result.lora_merged and result.iteration == 1
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
+
+    png = workdir / "lq-pretrained.png"
+    Image.fromarray(lq_pair.lq).save(png)
+    seed = trajectory_seed(0, int(lq_pair.id), 0, EVAL_ROUND)
+    facts = _diffusers_restoration(out, png, seed, "0.0", workdir / "pretrained.npz", prompt=cfg.model.prompt)
+    assert facts["project_modules"] == [] and facts["lora_params"] == []
+    ours = np.load(workdir / "pretrained.npz")["eta=0.0"]
+    project, _ = _project_restoration(cfg, run_dir, lq_pair)
+    base, _ = _project_restoration(cfg, "base", lq_pair)
+    diff = float(np.abs(ours - project).max())
+    print(f"pretrained export (prompt through the exported CLIP): max |diffusers - project| = {diff:.3g}")
+    assert diff < TOL
+    assert float(np.abs(ours - base).max()) > 100 * TOL
