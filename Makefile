@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: setup demo test test-fast bench study clean prometheus
+.PHONY: setup demo test test-fast bench study clean prometheus pipeline
 
 setup: $(STAMP)
 
@@ -56,6 +56,12 @@ STUDY_ITERATIONS ?= 24
 study: setup
 	$(PY) -m deploy.compare --config deploy/configs/study_cpu.yaml --demo --iterations $(STUDY_ITERATIONS) \
 		--rows "Base,Base +Diff.SFT,Original,with Rec.,with Iter. RL" --name study
+
+# A run's latest checkpoint as a diffusers StableDiffusionControlNetPipeline folder (README: Export).
+RUN ?= runs/demo
+OUT ?= exports/$(notdir $(RUN))
+pipeline: setup
+	$(PY) -m deploy.export --run $(RUN) --out $(OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
