@@ -85,7 +85,12 @@ def sft_config(cfg: ExperimentConfig) -> ExperimentConfig:
     data["deploy"]["checkpoint_every"] = cfg.learner.sft_steps
     data["deploy"]["max_staleness"] = 0
     data["logging"]["progress"] = cfg.logging.progress
-    key = hashlib.sha256(json.dumps({k: data[k] for k in ("model", "data", "learner")}, sort_keys=True).encode())
+    keyed = {k: data[k] for k in ("model", "data", "learner")}
+    vae_dir = keyed["model"]["tiny"].get("vae_dir")
+    if vae_dir:  # the VAE's own cache folder name is its recipe hash: the key must not depend on where the checkout is
+        keyed = json.loads(json.dumps(keyed))
+        keyed["model"]["tiny"]["vae_dir"] = Path(vae_dir).name
+    key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode())
     data["deploy"]["run_name"] = f"sft-{key.hexdigest()[:12]}"
     data["deploy"]["output_dir"] = str(Path(cfg.reward.cache_dir) / "sft")
     return parse_config(data, source="SFT pre-training config")
