@@ -150,6 +150,33 @@ def _examples(cfg: ExperimentConfig, photos, crops: int, seed: int, restorer, re
                               restorer=restorer if restored_inputs else None, restored_inputs=restored_inputs)
 
 
+def iqa_data_key(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What the IQA model's training data depends on (its cache key): photos, crops, label source,
+    the base policy's files by content and its shape, the sampler. Never a path of this checkout."""
+    from reward_server.iqa_data import IQA_HELD_OUT_PHOTOS, IQA_TRAIN_PHOTOS, IQA_VALIDATION_PHOTOS
+    from reward_server.iqa_train import RECIPE_VERSION
+
+    t = cfg.reward.iqa_train
+    policy_digest = _files_digest(cfg.model.init_checkpoint, cfg.model.tiny.vae_dir, cfg.model.pretrained_dir)
+    data_key: dict[str, Any] = {
+        "train_photos": list(IQA_TRAIN_PHOTOS), "held_out_photos": list(IQA_HELD_OUT_PHOTOS),
+        "resolution": cfg.data.resolution, "crops_per_photo": t.crops_per_photo,
+        "degraded_per_crop": t.degraded_per_crop, "restored_inputs": t.restored_inputs,
+        "held_out_crops_per_photo": t.held_out_crops_per_photo, "label_source": t.label_source,
+        "ratings_dir": None if t.ratings_dir is None else _files_digest(Path(t.ratings_dir)),
+        # The policy's files by content (policy_digest); its shape without the VAE's path, so the key
+        # does not depend on where the checkout is.
+        "policy": policy_digest, "model": {**cfg.model.model_dump(mode="json", include={"kind", "finetune"}),
+                                           "tiny": cfg.model.tiny.model_dump(mode="json", exclude={"vae_dir"})},
+        "sampler": [cfg.rollout.num_inference_steps, cfg.rollout.eta, cfg.algorithm.policy_target],
+        "seed": t.seed, "data_recipe": RECIPE_VERSION,
+    }
+    if t.select_every:  # the validation set exists only when it chooses the step
+        data_key |= {"validation_photos": list(IQA_VALIDATION_PHOTOS),
+                     "validation_crops_per_photo": t.validation_crops_per_photo}
+    return data_key
+
+
 def ensure_trained_reward(cfg: ExperimentConfig, *, progress: bool = True) -> Path:
     """Train (or reuse) the IQA model that ``cfg.reward.iqa_train`` describes; returns its folder.
 
@@ -162,24 +189,11 @@ def ensure_trained_reward(cfg: ExperimentConfig, *, progress: bool = True) -> Pa
         IQA_VALIDATION_PHOTOS,
         load_rated_folder,
     )
-    from reward_server.iqa_train import RECIPE_VERSION, ensure_iqa_model, read_card
+    from reward_server.iqa_train import ensure_iqa_model, read_card
 
     t = cfg.reward.iqa_train
     base = iqa_base_model(cfg)
-    policy_digest = _files_digest(cfg.model.init_checkpoint, cfg.model.tiny.vae_dir, cfg.model.pretrained_dir)
-    data_key: dict[str, Any] = {
-        "train_photos": list(IQA_TRAIN_PHOTOS), "held_out_photos": list(IQA_HELD_OUT_PHOTOS),
-        "resolution": cfg.data.resolution, "crops_per_photo": t.crops_per_photo,
-        "degraded_per_crop": t.degraded_per_crop, "restored_inputs": t.restored_inputs,
-        "held_out_crops_per_photo": t.held_out_crops_per_photo, "label_source": t.label_source,
-        "ratings_dir": None if t.ratings_dir is None else _files_digest(Path(t.ratings_dir)),
-        "policy": policy_digest, "model": cfg.model.model_dump(mode="json", include={"kind", "tiny", "finetune"}),
-        "sampler": [cfg.rollout.num_inference_steps, cfg.rollout.eta, cfg.algorithm.policy_target],
-        "seed": t.seed, "data_recipe": RECIPE_VERSION,
-    }
-    if t.select_every:  # the validation set exists only when it chooses the step
-        data_key |= {"validation_photos": list(IQA_VALIDATION_PHOTOS),
-                     "validation_crops_per_photo": t.validation_crops_per_photo}
+    data_key = iqa_data_key(cfg)
     settings = train_settings(t)
     out_dir = Path(cfg.reward.cache_dir).expanduser().resolve() / "iqa"
     trained: list[bool] = []

@@ -17,3 +17,19 @@ def test_sft_cache_key_names_the_vae_not_the_checkout_path(tmp_path):
     assert a == b  # the same VAE wherever the checkout is: the SFT run is reused
     assert a != _run_name(str(tmp_path / "tiny_vae" / "vae-000000000000"))  # another VAE: another SFT run
     assert a.startswith("sft-")
+
+
+def test_iqa_cache_key_reads_the_vae_by_content_not_by_path(tmp_path):
+    from deploy.reward_model import iqa_data_key
+
+    def key(folder):
+        vae = tmp_path / folder / "vae-581902539732"
+        if not vae.exists():
+            vae.mkdir(parents=True)
+            (vae / "config.json").write_text('{"latent_channels": 4}')
+        return iqa_data_key(load_config(DEMO_CONFIG, [f"model.tiny.vae_dir={vae}"]))
+
+    a = key("checkout-a")
+    assert a == key("checkout-b")  # same VAE files elsewhere: the trained IQA model is reused
+    (tmp_path / "checkout-b" / "vae-581902539732" / "config.json").write_text('{"latent_channels": 8}')
+    assert a != key("checkout-b")  # other VAE bytes: another IQA model
