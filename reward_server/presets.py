@@ -227,6 +227,23 @@ PRESETS: dict[str, ScorerPreset] = {
             level_token_prefix=" ",
             system=_QWEN_SYSTEM,
         ),
+        # Q-ReAlign (Qwen3.5-VL, model_type qwen3_5): Q-Align's level words and weights (its card's
+        # [1, .75, .5, .25, 0] on [0, 1] is 5..1 on 1..5), in Qwen3.5's chat format with thinking
+        # switched off (the template's empty <think></think> block before the answer). The exact
+        # question and answer prefix of its quick start could not be read offline: check them
+        # against the model card before trusting absolute scores.
+        ScorerPreset(
+            name="qwen3_5",
+            family="Qwen3.5-VL, Q-ReAlign level scoring",
+            template=(
+                "<|im_start|>user\n{image}{question}<|im_end|>\n"
+                "<|im_start|>assistant\n<think>\n\n</think>\n\n{answer_prefix}"
+            ),
+            image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+            question=_IQA_QUESTION,
+            answer_prefix="The quality of this image is",
+            level_token_prefix=" ",
+        ),
         # VisualQuality-R1 / Q-Insight (Qwen2.5-VL): reasons in <think>, answers a number 1..5 in
         # <answer>; the prompt is VisualQuality-R1's.
         ScorerPreset(
