@@ -3,23 +3,22 @@
 :mod:`reward_server.tiny_vlm` builds the tiny LLaVA; this module builds one tiny random model per
 architecture that real IQA checkpoints use, so each scorer preset is tested on its own family:
 
-=================  ==========================================  ============================
-family             architecture (``config.json`` ``architectures``)  real IQA models
-=================  ==========================================  ============================
-``qwen2_5_vl``     ``Qwen2_5_VLForConditionalGeneration``       VisualQuality-R1, Q-Insight
-``llava_onevision`` ``LlavaOnevisionForConditionalGeneration``  Q-SiT
-``qwen3_5``        ``Qwen3_5ForConditionalGeneration``          Q-ReAlign (Mini / Lite / Pro)
-=================  ==========================================  ============================
+* ``qwen2_5_vl`` — ``Qwen2_5_VLForConditionalGeneration`` (VisualQuality-R1, Q-Insight);
+* ``llava_onevision`` — ``LlavaOnevisionForConditionalGeneration`` (Q-SiT);
+* ``qwen3_5`` — ``Qwen3_5ForConditionalGeneration`` (Q-ReAlign Mini / Lite / Pro).
 
     path = build_tiny_family("/tmp/tiny-qwen25vl", "qwen2_5_vl", seed=0)  # cached like the LLaVA
 
 Every model: text hidden 64 (2 heads of 32 — vLLM's CPU attention needs a head size of at least
-32), 2 layers, a 2-layer vision tower of width 64, 8 px patches and images of at most 64x64 px,
-random weights with std 1/sqrt(fan_in) (:func:`reward_server.tiny_vlm._init_weights`, so the
-level distribution depends on the image), and a byte-level BPE tokenizer like Qwen's
-(" excellent" -> "Ġexcellent"), trained on the spot over every preset's prompt so that the level
-words are single tokens. The scores mean nothing about quality; the code path is a real
-checkpoint's.
+32), 2 layers, a 2-layer vision tower of width 64, 8 px patches and images of at most 64x64 px
+(Qwen: one token per 16x16 px after the 2x2 merger; OneVision: 2x2 tiles of 32 px), random
+weights with std 1/sqrt(fan_in) (:func:`reward_server.tiny_vlm._init_weights`, so the level
+distribution depends on the image), and a byte-level BPE tokenizer like Qwen's
+(" excellent" -> "Ġexcellent"), trained on the spot over the presets' prompts so that the level
+words are single tokens. Qwen3.5 has three adjustments, each explained where it is made: its
+DeltaNet head size is the real 128 (vLLM's CPU kernel takes no other), its ``1 + w`` norms start
+at 0, and its DeltaNet decay and attention output are set so that the image reaches the answer.
+The scores mean nothing about quality; the code path is a real checkpoint's.
 """
 
 from __future__ import annotations
@@ -177,8 +176,11 @@ def _build_qwen2_5_vl(seed: int) -> tuple[Any, Any]:
         image_processor=_qwen_image_processor(PATCH, clip_mean, clip_std),
         tokenizer=tok,
         video_processor=Qwen2VLVideoProcessor(
-            patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2,
-            min_pixels=(PATCH * MERGE) ** 2, max_pixels=MAX_SIDE * MAX_SIDE,
+            patch_size=PATCH,
+            merge_size=MERGE,
+            temporal_patch_size=2,
+            min_pixels=(PATCH * MERGE) ** 2,
+            max_pixels=MAX_SIDE * MAX_SIDE,
         ),
         chat_template=template,
     )
@@ -326,9 +328,12 @@ def _build_qwen3_5(seed: int) -> tuple[Any, Any]:
         image_processor=_qwen_image_processor(PATCH, half, half),
         tokenizer=tok,
         video_processor=Qwen3VLVideoProcessor(
-            patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2,
+            patch_size=PATCH,
+            merge_size=MERGE,
+            temporal_patch_size=2,
             size={"shortest_edge": (PATCH * MERGE) ** 2, "longest_edge": MAX_SIDE * MAX_SIDE * 2},
-            image_mean=half, image_std=half,
+            image_mean=half,
+            image_std=half,
         ),
         chat_template=template,
     )

@@ -65,7 +65,9 @@ def family(request, tmp_path_factory):
 
     case: Family = request.param
     path = build_tiny_family(tmp_path_factory.mktemp(case.name) / f"tiny-{case.name}", case.name)
-    v = VLLMScorer(path, case.preset, dtype=case.dtype, max_model_len=512, gpu_memory_utilization=0.1)
+    v = VLLMScorer(
+        path, case.preset, dtype=case.dtype, max_model_len=512, gpu_memory_utilization=0.1
+    )
     h = TransformersScorer(path, case.preset, dtype=case.dtype)
     yield case, path, v, h
     _shutdown(v.llm)
