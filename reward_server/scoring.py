@@ -13,7 +13,8 @@ Backends (build one with :func:`build_scorer`):
 * :class:`VLLMScorer` — a VLM in an in-process vLLM engine; one ``generate`` call per batch
   (continuous batching); the level tokens' log-probs read with ``logprob_token_ids``.
 * :class:`TransformersScorer` — the same math on the Hugging Face model: the reference
-  implementation, and the path for families vLLM lacks (e.g. mPLUG-Owl2: Q-Align, DeQA-Score).
+  implementation, and the path for image-text-to-text families vLLM lacks (not mPLUG-Owl2, the
+  architecture of Q-Align and DeQA-Score: remote code that AutoModelForImageTextToText does not load).
 * :class:`PyIQAScorer` — any no-reference pyiqa metric.
 
 A reward that cannot be computed raises :class:`ScoringError` — never a silent 0 or a made-up score.
