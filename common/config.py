@@ -313,7 +313,7 @@ class RewardConfig(_Section):
     cache_dir: Path = F(
         Path(".cache/restore-rl"), description="Where built tiny models are cached (reused across runs).", unit="path"
     )
-    preset: Literal["llava", "llava_onevision", "qwen2_vl", "text_number"] = F(
+    preset: Literal["llava", "llava_onevision", "qwen2_vl", "qwen3_5", "text_number"] = F(
         "llava", description="Prompt/level-token preset of the VLM family."
     )
     pyiqa_metric: str = F("piqe", description="pyiqa no-reference metric name (backend=pyiqa).")

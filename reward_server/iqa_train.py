@@ -118,7 +118,8 @@ def level_loss(level_logits: Any, target: Any) -> Any:
     ``target``: float [n, 5] — a distribution over the levels (rows sum to 1).
     Returns the mean over the batch of −Σ_l target_l · log softmax(level_logits)_l (a scalar).
     The softmax is over the five levels only: the served score reads exactly that distribution
-    (vLLM's ``allowed_token_ids`` renormalises over them), so the rest of the vocabulary is moot.
+    (:func:`reward_server.scoring.expected_score` renormalises over them), so the rest of the
+    vocabulary is moot.
     """
     import torch
 

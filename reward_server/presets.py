@@ -227,6 +227,24 @@ PRESETS: dict[str, ScorerPreset] = {
             level_token_prefix=" ",
             system=_QWEN_SYSTEM,
         ),
+        # Q-ReAlign (Qwen3.5-VL, model_type qwen3_5), as its scorer (Q-Future/Q-ReAlign,
+        # qalign/scorer.py) builds the prompt: the user turn "<image>" + one of Q-Align's IQA
+        # questions, Qwen3.5's chat format with thinking off (configs: template qwen3_5,
+        # enable_thinking false: the empty <think></think> block), then the tokens of
+        # " " + "The quality of the image is" appended; levels excellent..bad, weights
+        # [1, .75, .5, .25, 0] on [0, 1] (= 5..1 on 1..5), softmax over the five level logits.
+        ScorerPreset(
+            name="qwen3_5",
+            family="Qwen3.5-VL, Q-ReAlign level scoring",
+            template=(
+                "<|im_start|>user\n{image}{question}<|im_end|>\n"
+                "<|im_start|>assistant\n<think>\n\n</think>\n\n{answer_prefix}"
+            ),
+            image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+            question=_IQA_QUESTION,
+            answer_prefix=" The quality of the image is",
+            level_token_prefix=" ",
+        ),
         # VisualQuality-R1 / Q-Insight (Qwen2.5-VL): reasons in <think>, answers a number 1..5 in
         # <answer>; the prompt is VisualQuality-R1's.
         ScorerPreset(

