@@ -134,6 +134,7 @@ class ServeTransport:
 
     async def score(self, images: list[np.ndarray], ids: list[str], timeout_s: float) -> np.ndarray:
         (image,), (image_id,) = images, ids
+        sent_at = time.time()
         response = self.handle.score.remote(image, image_id)
         try:
             # A little inside the caller's deadline, so a timeout here can be told apart: a
@@ -144,8 +145,16 @@ class ServeTransport:
             # Serve's controller notices a dead replica only at its next health check (~10 s);
             # meanwhile requests wait in the router. A replica that answers a ping is up (the
             # scorer itself is slow: a real timeout); none answering means none is serving.
-            why = None if await self._ping(2.0) else "no reward replica answered a ping"
-            why = why or await asyncio.to_thread(self._recovering)
+            started_at = await self._ping(2.0)
+            if started_at is None:
+                why = "no reward replica answered a ping"
+            elif started_at > sent_at:  # the request waited through a restart (in the router)
+                why = "the replica serving now started after this request was sent"
+            else:
+                try:
+                    why = await asyncio.wait_for(asyncio.to_thread(self._recovering), 2.5)
+                except TimeoutError:  # a controller too busy to answer: it is handling a failure
+                    why = "the Serve controller did not answer within 2.5 s"
             if why:
                 raise _Unavailable(f"no answer within the deadline: {why}") from None
             raise
@@ -161,15 +170,19 @@ class ServeTransport:
         self.versions[getattr(scored, "version", None) or "unknown"] += 1
         return arr
 
-    async def _ping(self, timeout_s: float) -> bool:
-        """Whether a replica answers ``IQAScorer.info`` within ``timeout_s``."""
+    async def _ping(self, timeout_s: float) -> float | None:
+        """When the replica that answers ``IQAScorer.info`` within ``timeout_s`` started (Unix
+        seconds; -inf if it does not say), or None when none answers."""
         response = self.handle.info.remote()
         try:
-            await asyncio.wait_for(_await_response(response), timeout_s)
-            return True
+            info = await asyncio.wait_for(_await_response(response), timeout_s)
         except Exception:  # noqa: BLE001 — a timeout, a dead replica: nobody answered
             response.cancel()
-            return False
+            return None
+        try:
+            return float(info.get("started_at", "-inf"))
+        except (AttributeError, TypeError, ValueError):
+            return float("-inf")
 
     def _recovering(self) -> str | None:
         """Why the reward deployment is not serving right now (a replica starting or

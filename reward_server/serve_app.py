@@ -114,6 +114,9 @@ class IQAScorer:
         self.scorer_stall_s = scorer_stall_s
         self._calls: dict[int, float] = {}  # scorer calls in progress: number -> start (monotonic)
         self._call_ids = itertools.count()
+        # Wall-clock time this replica became able to serve: a client whose request timed out
+        # compares it with when it sent the request (a replica younger than the request = a restart).
+        self._started_at = time.time()
 
     def check_health(self) -> None:
         """Serve's periodic health check: raises while a scorer call has run for longer than
@@ -194,8 +197,9 @@ class IQAScorer:
         }
 
     def info(self) -> dict[str, str]:
-        """The scorer's name and version (echoed in HTTP responses)."""
-        return {"model": self.scorer.name, "version": self.scorer.version}
+        """The scorer's name and version (echoed in HTTP responses), and when this replica started
+        (``started_at``, Unix seconds)."""
+        return {"model": self.scorer.name, "version": self.scorer.version, "started_at": f"{self._started_at:.3f}"}
 
     def __del__(self) -> None:
         # Serve calls __del__ on graceful shutdown: stop a vLLM engine's core process with the

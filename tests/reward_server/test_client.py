@@ -7,6 +7,7 @@ the replica while requests sit in it and check that retries get every score.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import pickle
 import threading
@@ -376,3 +377,57 @@ def test_a_replica_restart_longer_than_the_deadline_is_waited_for(kill_app, ray_
     assert after["pid"] != before["pid"]
     print(f"replica SIGKILL: every score back {recovery_s:.1f} s after the kill (deadline 2 s), "
           f"{client.unavailable} attempts found it unavailable")
+
+
+# ------------------------------------------------- ServeTransport: a timeout across a restart
+class _Pending:
+    """A DeploymentResponse stand-in that never completes (the request waits in Serve's router)."""
+
+    def __init__(self, result=None, delay=None):
+        self._result, self._delay = result, delay
+        self.cancelled = False
+
+    def __await__(self):
+        async def wait():
+            if self._delay is None:
+                await asyncio.Event().wait()
+            await asyncio.sleep(self._delay)
+            return self._result
+        return wait().__await__()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _Method:
+    def __init__(self, make):
+        self.make = make
+
+    def remote(self, *args):
+        return self.make()
+
+
+class _Handle:
+    def __init__(self, started_at):
+        self.score = _Method(lambda: _Pending())
+        self.info = _Method(lambda: _Pending({"model": "m", "version": "v", "started_at": str(started_at)}, 0.0))
+
+
+def test_serve_timeout_is_an_outage_when_the_answering_replica_is_younger_than_the_request():
+    """A request that waited in the router through a replica restart (the new replica started after
+    it was sent) is an outage, retried within recovery_timeout_s; a timeout on a replica older than
+    the request is a plain timeout. Found under load in CI: the controller still reported the
+    deployment HEALTHY, so only the replica's age tells the two apart."""
+    import time as _time
+
+    from reward_server.client import ServeTransport, _Unavailable
+
+    img = np.zeros((8, 8, 3), np.uint8)
+    young = ServeTransport(_Handle(started_at=_time.time() + 0.3))  # starts while the request waits
+    young._recovering = lambda: None  # the controller says healthy
+    with pytest.raises(_Unavailable, match="started after this request was sent"):
+        asyncio.run(young.score([img], ["a"], 0.6))
+    old = ServeTransport(_Handle(started_at=_time.time() - 60))
+    old._recovering = lambda: None
+    with pytest.raises(TimeoutError):
+        asyncio.run(old.score([img], ["a"], 0.6))
