@@ -26,12 +26,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from reward_server.tiny_vlm import TINY_VLM_STAMP, _corpus, _init_weights
+from reward_server.tiny_vlm import TINY_VLM_STAMP, _corpus, _init_weights, publish_stamped
 
 __all__ = ["FAMILIES", "build_tiny_family"]
 
@@ -444,31 +442,14 @@ def build_tiny_family(out_dir: str | os.PathLike, family: str, seed: int = 0) ->
                 f"(no {TINY_VLM_STAMP}); refusing to overwrite it"
             )
         model, processor = _BUILDERS[family](seed)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+
+        def write(tmp: Path) -> None:
             model.save_pretrained(tmp)
             processor.save_pretrained(tmp)
             if family == "llava_onevision":
                 _rewrite_siglip_hub_layout(tmp / "model.safetensors")
-            files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-            meta = {
-                "builder": "reward_server.tiny_families.build_tiny_family",
-                "builder_version": _BUILDER_VERSION,
-                "family": family,
-                "architecture": FAMILIES[family],
-                "seed": seed,
-                "files": files,
-            }
-            (tmp / TINY_VLM_STAMP).write_text(json.dumps(meta, indent=2) + "\n")
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)
-            for f in files + [TINY_VLM_STAMP]:
-                os.chmod(tmp / f, 0o666 & ~umask)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+
+        publish_stamped(out, write, {"builder": "reward_server.tiny_families.build_tiny_family",
+                                     "builder_version": _BUILDER_VERSION, "family": family,
+                                     "architecture": FAMILIES[family], "seed": seed})
     return out

@@ -25,9 +25,11 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["TINY_LLAVA_CHAT_TEMPLATE", "TINY_VLM_STAMP", "build_tiny_llava"]
+__all__ = ["TINY_LLAVA_CHAT_TEMPLATE", "TINY_VLM_STAMP", "build_tiny_llava", "publish_stamped"]
 
 #: Written last into a finished folder; its contents decide whether a folder can be reused.
 TINY_VLM_STAMP = "restore_rl_tiny_vlm.json"
@@ -284,21 +286,24 @@ def _build(out: Path, seed: int, size: str = "test") -> None:
         chat_template=TINY_LLAVA_CHAT_TEMPLATE,
     )
 
-    # Build beside the target, then move into place: an interrupted build never looks complete.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         _rewrite_hub_layout(tmp / "model.safetensors")
+
+    publish_stamped(out, write, {"builder": "reward_server.tiny_vlm.build_tiny_llava",
+                                 "builder_version": _BUILDER_VERSION, "seed": seed, "size": size})
+
+
+def publish_stamped(out: Path, write: Callable[[Path], None], meta: dict[str, Any]) -> None:
+    """Write a model folder with ``write(tmp)`` beside ``out``, stamp it (``meta`` + its file
+    list in :data:`TINY_VLM_STAMP`), make it readable by others, then move it into place: an
+    interrupted build never looks complete. The caller holds the folder's lock."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        meta = {
-            "builder": "reward_server.tiny_vlm.build_tiny_llava",
-            "builder_version": _BUILDER_VERSION,
-            "seed": seed,
-            "size": size,
-            "files": files,
-        }
-        (tmp / TINY_VLM_STAMP).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / TINY_VLM_STAMP).write_text(json.dumps({**meta, "files": files}, indent=2) + "\n")
         # mkdtemp and safetensors create owner-only entries; a shared cache must be readable.
         umask = os.umask(0)
         os.umask(umask)
