@@ -166,13 +166,15 @@ def train(cfg, iterations: int, score, null: bool = False) -> tuple[Any, list[di
     return policy, curve
 
 
-def eval_images(policy, cfg, eval_seeds: int) -> np.ndarray:
-    """uint8 [N·S, H, W, 3] final outputs on every training input × ``eval_seeds`` noise draws,
-    with the base config's sampler (one sampler for every policy: a fair comparison)."""
+def eval_images(policy, cfg, eval_seeds: int, split: str = "train") -> np.ndarray:
+    """uint8 [N·S, H, W, 3] final outputs on every input of ``split`` × ``eval_seeds`` noise draws,
+    with the base config's sampler (one sampler for every policy: a fair comparison). ``train``:
+    the inputs RL trained on (does the update learn?); ``test``: the held-out split (does it
+    generalise? the study's question)."""
     from common.data import build_dataset
     from rollout.sampler import SamplerSettings, sample_trajectories
 
-    dataset = build_dataset(cfg.data, "train")
+    dataset = build_dataset(cfg.data, split)
     ids = list(range(len(dataset)))
     settings = SamplerSettings(num_inference_steps=cfg.rollout.num_inference_steps, eta=cfg.rollout.eta,
                                samples_per_input=eval_seeds, reward_steps="last",
@@ -195,7 +197,8 @@ def paired(trained: np.ndarray, base: np.ndarray, eval_seeds: int) -> dict[str, 
             "base_std": float(base.std()), "draws": int(d.size), "win_rate": float((d > 0).mean())}
 
 
-def run_arm(arm: Arm, iterations: int, eval_seeds: int, extra: tuple[str, ...]) -> dict[str, Any]:
+def run_arm(arm: Arm, iterations: int, eval_seeds: int, extra: tuple[str, ...],
+            split: str = "train") -> dict[str, Any]:
     """Train one arm and evaluate it and the base policy on the same draws (one process)."""
     import torch
 
@@ -210,12 +213,13 @@ def run_arm(arm: Arm, iterations: int, eval_seeds: int, extra: tuple[str, ...]) 
         policy, curve = train(cfg, iterations, score, null=arm.null)
         t_train = time.perf_counter() - t0
         base = build_policy(cfg.model, cfg.data.resolution).eval()
-        r_base = score(eval_images(base, cfg, eval_seeds))
-        r_trained = score(eval_images(policy, cfg, eval_seeds))
+        r_base = score(eval_images(base, cfg, eval_seeds, split))
+        r_trained = score(eval_images(policy, cfg, eval_seeds, split))
     finally:
         torch.set_num_threads(threads)
     return {"arm": arm.name, "mode": arm.mode, "reward": list(arm.reward), "iterations": iterations,
             **paired(r_trained, r_base, eval_seeds), "train_s": round(t_train, 1),
+            "scores": [round(float(x), 7) for x in r_trained], "base_scores": [round(float(x), 7) for x in r_base],
             "seconds": round(time.perf_counter() - t0, 1), "curve": curve}
 
 
@@ -236,6 +240,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--arms", default=None, help="comma-separated subset of the arms to run")
     ap.add_argument("--jobs", type=int, default=2, help="arms trained at once (one process each)")
     ap.add_argument("--no-null", action="store_true", help="skip the null control arms (advantages shuffled)")
+    ap.add_argument("--eval-split", choices=("train", "test"), default="train",
+                    help="inputs of the evaluation draws: the training inputs (does RL learn?) or the held-out "
+                         "test split (does it generalise? with --iqa-model the sft_iqa arm compares the paper's "
+                         "Original with +Diff.SFT there, as the study does)")
     ap.add_argument("--no-emit", action="store_true", help="do not write benchmarks/results/learning.json")
     args = ap.parse_args(argv)
 
@@ -244,7 +252,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         arms.append(Arm("rl_null_easy", "rl_only", EASY_REWARD, null=True))
     if args.iqa_model is not None:
         iqa = iqa_reward(args.iqa_model, args.iqa_set)
-        arms += [Arm("rl_iqa", "rl_only", iqa), Arm("adaptive_iqa", "adaptive", iqa)]
+        arms += [Arm("rl_iqa", "rl_only", iqa), Arm("adaptive_iqa", "adaptive", iqa),
+                 Arm("sft_iqa", "sft_only", iqa)]
         if not args.no_null:
             arms.append(Arm("rl_null_iqa", "rl_only", iqa, null=True))
     if args.arms:
@@ -256,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     arm_config([])  # the cached VAE and SFT policy, once, before any worker starts
 
     t0 = time.perf_counter()
-    jobs = [(a, args.iterations, args.eval_seeds, tuple(args.overrides)) for a in arms]
+    jobs = [(a, args.iterations, args.eval_seeds, tuple(args.overrides), args.eval_split) for a in arms]
     if args.jobs > 1 and len(jobs) > 1:
         with mp.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
             results = pool.map(_run_arm_star, jobs, chunksize=1)
@@ -267,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     print_table(
         f"paired gain over the base policy on the same draws ({args.eval_seeds} noise draws × "
-        f"16 training inputs, fresh noise), after {args.iterations} iterations",
+        f"the {args.eval_split} inputs, fresh noise), after {args.iterations} iterations",
         [(r["arm"], f"{r['base']:.4f}", f"{r['trained']:.4f}", f"{r['gain']:+.5f}", f"{r['se']:.5f}",
           f"{r['gain_over_se']:+.1f}", f"{r['se_over_inputs']:.5f}", f"{r['win_rate']:.2f}", f"{r['seconds']:.0f}")
          for r in results],
@@ -283,6 +292,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return None
         return round(by_name[arm]["gain"] / max(abs(by_name[null]["gain"]), 1e-12), 3)
 
+    def arm_minus(arm: str, ref: str):
+        """Paired (arm − ref) on the same draws: both arms are evaluated on identical inputs and noise."""
+        if arm not in by_name or ref not in by_name:
+            return None, None
+        d = np.asarray(by_name[arm]["scores"]) - np.asarray(by_name[ref]["scores"])
+        return round(float(d.mean()), 6), round(float(d.std(ddof=1) / np.sqrt(d.size)), 6)
+
+    adaptive_minus_sft, adaptive_minus_sft_se = arm_minus("adaptive_iqa", "sft_iqa")
     figures = {
         "rl_gain_easy": fig("rl_easy", "gain"), "rl_gain_easy_over_se": fig("rl_easy", "gain_over_se"),
         "rl_gain_iqa": fig("rl_iqa", "gain"), "rl_gain_iqa_over_se": fig("rl_iqa", "gain_over_se"),
@@ -299,12 +316,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rl_null_gain_iqa": fig("rl_null_iqa", "gain"),
         "rl_null_gain_iqa_over_se": fig("rl_null_iqa", "gain_over_se"),
         "rl_gain_iqa_over_null": over_null("rl_iqa", "rl_null_iqa"),
+        # The paper's Original over +Diff.SFT (Table 1's question) on the same draws: with
+        # --eval-split test, the study's comparison at a fraction of its cost.
+        "sft_gain_iqa": fig("sft_iqa", "gain"), "sft_gain_iqa_over_se": fig("sft_iqa", "gain_over_se"),
+        "adaptive_minus_sft_iqa": adaptive_minus_sft, "adaptive_minus_sft_iqa_se": adaptive_minus_sft_se,
+        "eval_split": args.eval_split,
         "target_over_se": 3.0,
         "iterations": args.iterations, "eval_seeds": args.eval_seeds,
         "train_overrides": [*TRAIN_OVERRIDES, *args.overrides], "easy_reward": list(EASY_REWARD),
         "iqa_model": None if args.iqa_model is None else str(Path(args.iqa_model).resolve()),
         "wall_s": round(wall, 1), "jobs": args.jobs,
-        "arms": {r["arm"]: {k: v for k, v in r.items() if k != "arm"} for r in results},
+        "arms": {r["arm"]: {k: v for k, v in r.items() if k not in ("arm", "scores", "base_scores")}
+                 for r in results},
     }
     if args.no_emit:
         import json

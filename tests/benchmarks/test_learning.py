@@ -30,3 +30,25 @@ def test_rl_alone_raises_the_easy_reward_over_the_base_policy():
     assert arm["draws"] == 32 and arm["iterations"] == 4
     assert arm["gain"] > 3 * arm["se"], arm
     assert arm["gain"] > MIN_GAIN, arm
+
+
+def test_eval_draws_come_from_the_requested_split():
+    """``--eval-split test`` scores the held-out inputs (the study's question), not the training ones."""
+    import numpy as np
+
+    from benchmarks.learning import eval_images
+    from common.config import load_config
+    from common.data import build_dataset
+    from common.policy import build_policy
+    from deploy.demo import DEMO_CONFIG
+
+    cfg = load_config(DEMO_CONFIG, ["data.num_synthetic=5", "data.num_test=3", "rollout.num_inference_steps=2"])
+    policy = build_policy(cfg.model, cfg.data.resolution).eval()
+    test = eval_images(policy, cfg, 2, "test")
+    train = eval_images(policy, cfg, 2, "train")
+    assert test.shape == (3 * 2, *train.shape[1:]) and train.shape[0] == 5 * 2
+    # The restorations follow their control images: a test draw is not a training draw.
+    lq_test = np.stack([build_dataset(cfg.data, "test")[i].lq for i in range(3)])
+    lq_train = np.stack([build_dataset(cfg.data, "train")[i].lq for i in range(3)])
+    assert not np.array_equal(lq_test, lq_train)
+    assert not np.array_equal(test[:6], train[:6])
