@@ -90,9 +90,12 @@ class Arm:
 
 # ---------------------------------------------------------------------------------- config
 _BASE: dict[str, Any] | None = None
+#: Overrides of the demo config itself, applied before the SFT pre-training is looked up (so they
+#: select, or train, another starting policy: e.g. ``learner.sft_steps=2400``). ``--base-set``.
+BASE_OVERRIDES: list[str] = []
 
 
-def arm_config(overrides: list[str] | tuple[str, ...]):
+def arm_config(overrides: list[str] | tuple[str, ...], base_overrides: list[str] | tuple[str, ...] | None = None):
     """The demo's RL config from the cached SFT policy, with ``overrides`` applied on top.
 
     The SFT checkpoint is looked up with the demo config's model, data and learner sections as
@@ -103,8 +106,11 @@ def arm_config(overrides: list[str] | tuple[str, ...]):
     from common.config import apply_overrides, load_config, parse_config
     from deploy.demo import DEMO_CONFIG, demo_rl_config
 
+    if base_overrides is not None and list(base_overrides) != BASE_OVERRIDES:
+        BASE_OVERRIDES[:] = list(base_overrides)
+        _BASE = None
     if _BASE is None:
-        _BASE = demo_rl_config(load_config(DEMO_CONFIG, list(EASY_REWARD))).model_dump(mode="json")
+        _BASE = demo_rl_config(load_config(DEMO_CONFIG, [*EASY_REWARD, *BASE_OVERRIDES])).model_dump(mode="json")
     return parse_config(apply_overrides(_BASE, list(overrides)), source="benchmarks.learning")
 
 
@@ -198,7 +204,7 @@ def paired(trained: np.ndarray, base: np.ndarray, eval_seeds: int) -> dict[str, 
 
 
 def run_arm(arm: Arm, iterations: int, eval_seeds: int, extra: tuple[str, ...],
-            split: str = "train") -> dict[str, Any]:
+            split: str = "train", base_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train one arm and evaluate it and the base policy on the same draws (one process)."""
     import torch
 
@@ -208,7 +214,7 @@ def run_arm(arm: Arm, iterations: int, eval_seeds: int, extra: tuple[str, ...],
     torch.set_num_threads(1)  # measured (benchmarks.system): faster than 2 on these tiny models
     try:
         t0 = time.perf_counter()
-        cfg = arm_config([*TRAIN_OVERRIDES, f"algorithm.mode={arm.mode}", *arm.reward, *extra])
+        cfg = arm_config([*TRAIN_OVERRIDES, f"algorithm.mode={arm.mode}", *arm.reward, *extra], base_overrides)
         score = _scorer_fn(cfg)
         policy, curve = train(cfg, iterations, score, null=arm.null)
         t_train = time.perf_counter() - t0
@@ -237,6 +243,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="extra overrides of the IQA reward (e.g. reward.preset=...)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="overrides for every arm (after TRAIN_OVERRIDES)")
+    ap.add_argument("--base-set", dest="base_overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="overrides of the demo config before its SFT pre-training is looked up: another starting "
+                         "policy (e.g. learner.sft_steps=2400; trained on first use, then cached)")
     ap.add_argument("--arms", default=None, help="comma-separated subset of the arms to run")
     ap.add_argument("--jobs", type=int, default=2, help="arms trained at once (one process each)")
     ap.add_argument("--no-null", action="store_true", help="skip the null control arms (advantages shuffled)")
@@ -255,17 +264,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         arms += [Arm("rl_iqa", "rl_only", iqa), Arm("adaptive_iqa", "adaptive", iqa),
                  Arm("sft_iqa", "sft_only", iqa)]
         if not args.no_null:
-            arms.append(Arm("rl_null_iqa", "rl_only", iqa, null=True))
+            arms += [Arm("rl_null_iqa", "rl_only", iqa, null=True),
+                     Arm("adaptive_null_iqa", "adaptive", iqa, null=True)]
     if args.arms:
         wanted = args.arms.split(",")
         unknown = sorted(set(wanted) - {a.name for a in arms})
         if unknown:
             raise SystemExit(f"--arms: unknown or disabled arm(s) {unknown}; have {[a.name for a in arms]}")
         arms = [a for a in arms if a.name in wanted]
-    arm_config([])  # the cached VAE and SFT policy, once, before any worker starts
+    arm_config([], args.base_overrides)  # the cached VAE and SFT policy, once, before any worker starts
 
     t0 = time.perf_counter()
-    jobs = [(a, args.iterations, args.eval_seeds, tuple(args.overrides), args.eval_split) for a in arms]
+    jobs = [(a, args.iterations, args.eval_seeds, tuple(args.overrides), args.eval_split, tuple(args.base_overrides))
+            for a in arms]
     if args.jobs > 1 and len(jobs) > 1:
         with mp.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
             results = pool.map(_run_arm_star, jobs, chunksize=1)
@@ -323,11 +334,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "eval_split": args.eval_split,
         "target_over_se": 3.0,
         "iterations": args.iterations, "eval_seeds": args.eval_seeds,
-        "train_overrides": [*TRAIN_OVERRIDES, *args.overrides], "easy_reward": list(EASY_REWARD),
+        "train_overrides": [*TRAIN_OVERRIDES, *args.overrides], "base_overrides": args.base_overrides,
+        "easy_reward": list(EASY_REWARD),
         "iqa_model": None if args.iqa_model is None else str(Path(args.iqa_model).resolve()),
         "wall_s": round(wall, 1), "jobs": args.jobs,
-        "arms": {r["arm"]: {k: v for k, v in r.items() if k not in ("arm", "scores", "base_scores")}
-                 for r in results},
+        "arms": {r["arm"]: {k: v for k, v in r.items() if k != "arm"} for r in results},
     }
     if args.no_emit:
         import json
