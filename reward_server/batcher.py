@@ -24,6 +24,7 @@ must share is how they batch and how they check a score, and both now share thos
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -109,13 +110,19 @@ class MicroBatcher:
         self.adaptive = adaptive
         self.batch_sizes: deque[int] = deque(maxlen=stats_window)  # recent batches (tests, stats)
         self.last_latency_s = 0.0
-        #: When the scorer call in progress started (time.monotonic()); None when idle.
-        self.busy_since: float | None = None
+        #: Scorer calls in progress: call number -> when it started (time.monotonic()).
+        self.calls: dict[int, float] = {}
+        self._call_ids = itertools.count()
         self._outstanding = 0  # images queued or being scored
         self._cycle_peak = 0  # most images outstanding at once since the last cut
         self._peaks: deque[int] = deque(maxlen=memory)  # that peak, for each recent cycle
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task | None = None
+
+    @property
+    def busy_since(self) -> float | None:
+        """When the oldest scorer call in progress started (time.monotonic()); None when idle."""
+        return min(self.calls.values(), default=None)
 
     @property
     def started(self) -> bool:
@@ -191,7 +198,8 @@ class MicroBatcher:
             if not batch:
                 continue
             start = time.perf_counter()
-            self.busy_since = time.monotonic()
+            call = next(self._call_ids)
+            self.calls[call] = time.monotonic()
             try:
                 results = await asyncio.to_thread(
                     score_batch, self.scorer, [b.image_id for b in batch], [b.image for b in batch]
@@ -199,7 +207,7 @@ class MicroBatcher:
             except Exception as err:  # noqa: BLE001 — score_batch returns errors; this is a bug guard
                 results = [ScoreFailed(f"{type(err).__name__}: {err}", "scoring")] * len(batch)
             finally:
-                self.busy_since = None
+                del self.calls[call]
             self.last_latency_s = time.perf_counter() - start
             self.batch_sizes.append(len(batch))
             if self.metrics is not None:

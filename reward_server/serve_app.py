@@ -114,6 +114,7 @@ class IQAScorer:
         # Started on the first request, on the event loop Serve runs this replica's requests on.
         self.batcher = MicroBatcher(self.scorer, max_batch_size, batch_wait_timeout_s, self,
                                     adaptive=adaptive_batch_wait, stats_window=stats_window)
+        self._calls = self.batcher.calls  # scorer calls in progress: number -> start (monotonic)
         # Wall-clock time this replica became able to serve: a client whose request timed out
         # compares it with when it sent the request (a replica younger than the request = a restart).
         self._started_at = time.time()
@@ -121,11 +122,12 @@ class IQAScorer:
     def check_health(self) -> None:
         """Serve's periodic health check: raises while a scorer call has run for longer than
         ``scorer_stall_s`` (Serve then replaces this replica)."""
-        since = self.batcher.busy_since
-        if since is not None and time.monotonic() - since > self.scorer_stall_s:
+        now = time.monotonic()
+        stuck = [now - t for t in self._calls.values() if now - t > self.scorer_stall_s]
+        if stuck:
             raise RuntimeError(
-                f"scorer call running for {time.monotonic() - since:.0f} s (> scorer_stall_s "
-                f"{self.scorer_stall_s:g} s): the scoring engine is stuck"
+                f"scorer call running for {max(stuck):.0f} s (> scorer_stall_s {self.scorer_stall_s:g} s): "
+                "the scoring engine is stuck"
             )
 
     # -- requests --------------------------------------------------------------------------
