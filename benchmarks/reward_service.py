@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
     figures.update({
         **{f"images_per_s_{k}": round(v, 2) for k, v in ips.items()},
         **{f"p50_latency_s_{k}": round(v, 4) for k, v in p50.items()},
+        **{f"mean_latency_s_{k}": round(statistics.mean(v), 4) for k, v in lats.items()},
         "run_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
         **{k: float(f"{v:.3g}") for k, v in diffs.items()},
         "startup_s": {b: round(v, 1) for b, v in startup.items()},

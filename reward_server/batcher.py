@@ -8,7 +8,8 @@ collects the images that arrive meanwhile into the next call.
 When a batch is cut (:func:`batch_target`): as soon as it holds ``max_batch_size`` images, or
 ``batch_wait_timeout_s`` after its first image arrived, or — the adaptive rule — as soon as it
 holds as many images as were recently waiting or being scored at the same time (the largest
-such count over the last ``memory`` batches). One client sending one image at a time
+such count over the last ``memory`` batches; a batch that waits out the whole timeout short of
+that count resets the memory, so a drop in load costs one wait, not ``memory`` of them). One client sending one image at a time
 (concurrency 1) then never waits for company that cannot come; 16 clients in lock step fill a
 batch of 16 and stop waiting the moment the 16th image arrives. With ``adaptive=False`` a
 batch waits for ``max_batch_size`` images or the timeout, as Ray Serve's ``@serve.batch``
@@ -174,21 +175,34 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         batch = [await self._queue.get()]
         cut = batch[0].arrived + self.batch_wait_timeout_s
+        target, ran_out = self.max_batch_size, False
         while len(batch) < self.max_batch_size:
             try:
                 batch.append(self._queue.get_nowait())
                 continue
             except asyncio.QueueEmpty:
                 pass
+            target = self.target()
             remaining = cut - loop.time()
-            if remaining <= 0 or len(batch) >= self.target():
+            if remaining <= 0 or len(batch) >= target:
                 break
             try:
                 batch.append(await asyncio.wait_for(self._queue.get(), remaining))
             except TimeoutError:
+                ran_out = True
                 break
-        # This cycle's peak joins the memory; the next cycle starts from what is still outstanding.
-        self._peaks.append(self._cycle_peak)
+        if ran_out:
+            # This batch waited the whole timeout short of what the memory promised: the load
+            # fell. (A batch cut at once because its first image arrived while the scorer was
+            # busy, long enough ago, proves nothing and keeps the memory.) The memory is
+            # what is outstanding now (no scorer call runs between batches: the images waiting),
+            # so that only this one batch pays the wait (not the next ``memory`` batches).
+            self._peaks.clear()
+            self._peaks.append(self._outstanding)
+        else:
+            # This cycle's peak joins the memory.
+            self._peaks.append(self._cycle_peak)
+        # The next cycle starts from what is still outstanding.
         self._cycle_peak = self._outstanding
         return [item for item in batch if not item.future.done()]  # drop abandoned requests
 

@@ -110,6 +110,22 @@ def test_lockstep_clients_fill_a_batch_and_stop_waiting_once_it_holds_them_all()
     assert max(elapsed[1:]) < 0.5, elapsed
 
 
+def test_a_drop_in_load_costs_one_wait():
+    """8 clients in lock step, then one client at a time (wait 0.5 s): the first lone request
+    waits for the 8 the memory expects and runs out; the memory is cleared, the next ones do not
+    wait (the memory of 8 batches would otherwise make 8 requests wait)."""
+    wait = 0.5
+    batcher = MicroBatcher(_SlowMeanScorer(), 16, wait, adaptive=True, memory=8)
+
+    async def both(b):
+        await _lockstep(b, 8, 2)
+        return await _sequential(b, 5)
+
+    lat = asyncio.run(_with(batcher, both))
+    assert lat[0] >= wait * 0.9
+    assert max(lat[1:]) < wait / 2, lat
+
+
 def test_zero_wait_takes_what_queued_while_the_scorer_was_busy():
     """batch_wait_timeout_s 0: the first image goes alone, the rest queue behind the busy scorer
     and go together (the old greedy rule)."""
