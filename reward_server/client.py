@@ -4,7 +4,8 @@
 denoising, and ``gather`` waits for the scores (DESIGN.md §1). Two transports:
 
 * **Serve** (inside the job): one ``DeploymentHandle.score`` call per image, numpy arrays passed
-  as they are — the deployment's ``@serve.batch`` batches images from every worker.
+  as they are — the replica's micro-batcher (:mod:`reward_server.batcher`) batches images from
+  every worker.
 * **HTTP** (an external reward server, ``reward.endpoint``): one ``POST /score`` per chunk of
   ``max_images_per_request`` images, the msgpack body of DESIGN.md §3, bearer token if set.
 
