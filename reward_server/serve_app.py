@@ -151,7 +151,7 @@ class IQAScorer:
         if isinstance(result, ScoreFailed):
             self._error(result.kind)
             raise result
-        return result._replace(version=self.scorer.version)
+        return result._replace(version=getattr(self.scorer, "version", None))
 
     def batch(self, size: int, seconds: float, ok: int) -> None:
         """The batcher's report of one scorer call (:class:`~reward_server.batcher.BatchMetrics`)."""
