@@ -22,7 +22,6 @@ import concurrent.futures
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,13 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from common.weight_transport import free_port
+
 __all__ = ["VLLMServe"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _png_data_url(image: np.ndarray) -> str:
@@ -67,7 +62,7 @@ class VLLMServe:
             raise ValueError(f"VLLMServe: preset {preset.name!r} has no level tokens")
         self.preset = preset
         self.level_ids = preset.level_token_ids(AutoTokenizer.from_pretrained(model_dir))
-        self.port = _free_port()
+        self.port = free_port("127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(log_path, "wb")  # noqa: SIM115 — closed in close()
         cmd = [
