@@ -16,7 +16,9 @@ other, so the load of a shared machine hits all alike; ratios are medians of per
 Headlines:
 
 * ``vs_vllm_serve_c1`` / ``vs_vllm_serve_c16`` — this project's server (vllm backend) images/s
-  over ``vllm serve``'s, at concurrency 1 / 16;
+  over ``vllm serve``'s, at concurrency 1 / 16. With ``--transport http``: ``python -m reward_server``
+  in its own process, as a user runs it and as ``vllm serve`` runs (``*_in_process``: the same server
+  in this process, beside its client; ``mean_batch_c16_process``: its batches, from ``/metrics``);
 * ``batched_vs_sequential_ratio`` — vllm images/s at concurrency 16 / at concurrency 1;
 * ``vllm_vs_transformers_ratio`` — vllm images/s / transformers images/s, both at concurrency 16;
 * ``mean_batch_c16`` and ``p50_latency_s_c16`` beside ``p50_latency_s_c16_wait0`` (the same server
@@ -71,6 +73,77 @@ class _FreshImages:
             noise = rng.normal(0, rng.uniform(2, 40), (side, side, 3))
             out.append(np.clip(128 + 90 * wave + noise, 0, 255).astype(np.uint8))
         return out
+
+
+class _ServerProcess:
+    """``python -m reward_server`` (what a user runs) in its own process group on 127.0.0.1: the
+    same process layout as ``vllm serve`` (server process + engine), the client in this one.
+    Batch sizes come from its ``/metrics`` (the ``reward_batch_size`` histogram's sum and count)."""
+
+    def __init__(self, cfg: RewardConfig, log_path: Path, startup_timeout_s: float = 900.0):
+        import subprocess
+        import urllib.request
+
+        from common.weight_transport import free_port
+
+        self.port = free_port("127.0.0.1")
+        self.url = f"http://127.0.0.1:{self.port}"
+        sets = {
+            "backend": cfg.backend, "model_kind": cfg.model_kind, "cache_dir": cfg.cache_dir,
+            "dtype": cfg.dtype, "vllm_max_model_len": cfg.vllm_max_model_len,
+            "vllm_gpu_memory_utilization": cfg.vllm_gpu_memory_utilization,
+            "max_ongoing_requests": cfg.max_ongoing_requests, "max_batch_size": cfg.max_batch_size,
+            "batch_wait_timeout_s": cfg.batch_wait_timeout_s, "adaptive_batch_wait": cfg.adaptive_batch_wait,
+            "port": self.port,
+        }
+        cmd = [sys.executable, "-m", "reward_server"]
+        for k, v in sets.items():
+            cmd += ["--set", f"reward.{k}={str(v).lower() if isinstance(v, bool) else v}"]
+        self._log = open(log_path, "wb")  # noqa: SIM115 — closed in close()
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        t0 = time.perf_counter()
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"python -m reward_server exited with {self.proc.returncode}; see {log_path}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.perf_counter() - t0 > startup_timeout_s:
+                raise TimeoutError(f"reward server not ready within {startup_timeout_s:g} s; see {log_path}")
+            time.sleep(1.0)
+        self.startup_s = time.perf_counter() - t0
+
+    def batch_totals(self) -> tuple[float, float]:
+        """(images, batches) scored so far, from /metrics."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.url + "/metrics", timeout=30) as r:
+            text = r.read().decode()
+        total = count = 0.0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name.endswith("reward_batch_size_sum"):
+                    total += sample.value
+                elif sample.name.endswith("reward_batch_size_count"):
+                    count += sample.value
+        return total, count
+
+    def close(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except Exception:  # noqa: BLE001 — subprocess.TimeoutExpired: kill it
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
+        self._log.close()
 
 
 def _reward_config(backend: str, args: argparse.Namespace) -> RewardConfig:
@@ -174,8 +247,14 @@ def main(argv: list[str] | None = None) -> dict:
         teardown.append(clients[backend].close)
 
     fresh = _FreshImages(args.side)
-    vserve = None
+    vserve = proc = None
     try:
+        if args.transport == "http":
+            log = Path(tempfile.gettempdir()) / f"restore-rl-reward-server-{os.getpid()}.log"
+            proc = _ServerProcess(cfgs["vllm"], log)
+            startup["vllm_process"] = proc.startup_s
+            clients["vllm_proc"] = RewardClient.from_endpoint(proc.url, timeout_s=cfgs["vllm"].timeout_s)
+            teardown.append(clients["vllm_proc"].close)
         if not args.no_vllm_serve:
             from benchmarks._vllm_serve import VLLMServe
             from reward_server.factory import scorer_spec
@@ -217,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
                 fns[f"{b}_c{conc}"] = ours(b, conc)
         if args.transport == "http":
             fns[f"vllm_c{c}_wait0"] = ours("vllm", c, wait=0.0)
+            for conc in (1, c):
+                fns[f"vllm_proc_c{conc}"] = ours("vllm_proc", conc)
         if vserve is not None:
             for conc in (1, c):
                 fns[f"vllm_serve_c{conc}"] = (
@@ -226,23 +307,35 @@ def main(argv: list[str] | None = None) -> dict:
         times: dict[str, list[float]] = {k: [] for k in fns}
         lats: dict[str, list[float]] = {k: [] for k in fns}
         sizes: dict[str, list[int]] = {k: [] for k in fns}
+        ran_out: dict[str, int] = dict.fromkeys(fns, 0)  # batches whose wait ran out (HTTP only)
+        proc_batches: dict[str, list[float]] = {k: [0.0, 0.0] for k in fns}  # images, batches
         for r in range(args.rounds + 1):  # round 0: warm-up, not counted
             for k, fn in fns.items():
                 images = fresh(args.images)  # new images every run, outside the timing
-                b = k.split("_c")[0] if not k.startswith("vllm_serve") else None
+                b = k.split("_c")[0] if not k.startswith(("vllm_serve", "vllm_proc")) else None
                 before = len(batch_stats[b]()) if b else 0
+                out_before = servers[b].batcher.waits_run_out if b in servers else 0
+                totals_before = proc.batch_totals() if k.startswith("vllm_proc") else None
                 t0 = time.perf_counter()
                 lat = fn(images)
                 dt = time.perf_counter() - t0
                 if r == 0:
                     continue
+                if b in servers:
+                    ran_out[k] += servers[b].batcher.waits_run_out - out_before
                 times[k].append(dt)
                 lats[k].extend(lat)
                 if b:
                     sizes[k].extend(batch_stats[b]()[before:])
+                if totals_before is not None:
+                    after = proc.batch_totals()
+                    proc_batches[k][0] += after[0] - totals_before[0]
+                    proc_batches[k][1] += after[1] - totals_before[1]
     finally:
         if vserve is not None:
             vserve.close()
+        if proc is not None:
+            proc.close()
         for fn in reversed(teardown):
             try:
                 fn()
@@ -254,7 +347,9 @@ def main(argv: list[str] | None = None) -> dict:
     p50 = {k: statistics.median(v) for k, v in lats.items()}
     rows = [
         (k, f"{statistics.median(times[k]):.2f}", f"{ips[k]:.1f}", f"{1000 * p50[k]:.1f}",
-         f"{statistics.mean(sizes[k]):.2f}" if sizes[k] else "-", max(sizes[k]) if sizes[k] else "-")
+         f"{statistics.mean(sizes[k]):.2f}" if sizes[k] else
+         (f"{proc_batches[k][0] / proc_batches[k][1]:.2f}" if proc_batches[k][1] else "-"),
+         max(sizes[k]) if sizes[k] else "-")
         for k in fns
     ]
     wait = cfgs["vllm"].batch_wait_timeout_s
@@ -275,9 +370,22 @@ def main(argv: list[str] | None = None) -> dict:
         figures[f"mean_batch_c{c}_wait0"] = round(statistics.mean(sizes[f"vllm_c{c}_wait0"]), 2)
         figures[f"p50_latency_s_c{c}_wait0"] = round(p50[f"vllm_c{c}_wait0"], 4)
         figures[f"p50_latency_added_by_wait_s_c{c}"] = round(p50[f"vllm_c{c}"] - p50[f"vllm_c{c}_wait0"], 4)
+        figures[f"waits_run_out_c{c}"] = ran_out[f"vllm_c{c}"]  # of len(sizes[...]) batches
+        figures[f"batches_c{c}"] = len(sizes[f"vllm_c{c}"])
     if vserve is not None:
-        figures["vs_vllm_serve_c1"] = round(_median_ratio(times["vllm_c1"], times["vllm_serve_c1"]), 3)
-        figures[f"vs_vllm_serve_c{c}"] = round(_median_ratio(times[f"vllm_c{c}"], times[f"vllm_serve_c{c}"]), 3)
+        # Headline: this project's server as a user runs it (its own process, like vllm serve's).
+        ours_k = "vllm_proc" if "vllm_proc_c1" in fns else "vllm"
+        figures["vs_vllm_serve_c1"] = round(_median_ratio(times[f"{ours_k}_c1"], times["vllm_serve_c1"]), 3)
+        figures[f"vs_vllm_serve_c{c}"] = round(
+            _median_ratio(times[f"{ours_k}_c{c}"], times[f"vllm_serve_c{c}"]), 3)
+        figures["vs_vllm_serve_server"] = "python -m reward_server" if ours_k == "vllm_proc" else "in-process"
+        if ours_k == "vllm_proc":
+            figures["vs_vllm_serve_c1_in_process"] = round(_median_ratio(times["vllm_c1"], times["vllm_serve_c1"]), 3)
+            figures[f"vs_vllm_serve_c{c}_in_process"] = round(
+                _median_ratio(times[f"vllm_c{c}"], times[f"vllm_serve_c{c}"]), 3)
+    if f"vllm_proc_c{c}" in fns and proc_batches[f"vllm_proc_c{c}"][1]:
+        figures[f"mean_batch_c{c}_process"] = round(
+            proc_batches[f"vllm_proc_c{c}"][0] / proc_batches[f"vllm_proc_c{c}"][1], 2)
     if "transformers" in backends:
         figures["vllm_vs_transformers_ratio"] = round(
             _median_ratio(times[f"vllm_c{c}"], times[f"transformers_c{c}"]), 3)
