@@ -9,9 +9,10 @@ When a batch is cut (:func:`batch_target`): as soon as it holds ``max_batch_size
 ``batch_wait_timeout_s`` after its first image arrived, or — the adaptive rule — as soon as it
 holds as many images as were recently waiting or being scored at the same time (the largest
 such count over the last ``memory`` batches; a batch that waits out the whole timeout short of
-that count resets the memory, so a drop in load costs one wait, not ``memory`` of them). One client sending one image at a time
-(concurrency 1) then never waits for company that cannot come; 16 clients in lock step fill a
-batch of 16 and stop waiting the moment the 16th image arrives. With ``adaptive=False`` a
+that count resets the memory, so a drop in load costs one wait, not ``memory`` of them). One
+client sending one image at a time (concurrency 1) then never waits for company that cannot
+come; 16 clients in lock step fill a batch of 16 and stop waiting the moment the 16th image
+arrives. With ``adaptive=False`` a
 batch waits for ``max_batch_size`` images or the timeout, as Ray Serve's ``@serve.batch``
 does (``ray/serve/batching.py``: the batch is taken when full or ``batch_wait_timeout_s`` after
 its first request).
@@ -110,6 +111,7 @@ class MicroBatcher:
         self.metrics = metrics
         self.adaptive = adaptive
         self.batch_sizes: deque[int] = deque(maxlen=stats_window)  # recent batches (tests, stats)
+        self.waits_run_out = 0  # batches cut because the wait ran out short of the target
         self.last_latency_s = 0.0
         #: Scorer calls in progress: call number -> when it started (time.monotonic()).
         self.calls: dict[int, float] = {}
@@ -192,6 +194,7 @@ class MicroBatcher:
                 ran_out = True
                 break
         if ran_out:
+            self.waits_run_out += 1
             # This batch waited the whole timeout short of what the memory promised: the load
             # fell. (A batch cut at once because its first image arrived while the scorer was
             # busy, long enough ago, proves nothing and keeps the memory.) The memory is
