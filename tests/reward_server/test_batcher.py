@@ -106,6 +106,7 @@ def test_lockstep_clients_fill_a_batch_and_stop_waiting_once_it_holds_them_all()
     batcher = MicroBatcher(scorer, 16, 1.0, adaptive=True)
     elapsed = asyncio.run(_with(batcher, lambda b: _lockstep(b, 8, 4)))
     assert list(batcher.batch_sizes) == [8, 8, 8, 8] and scorer.calls == [8, 8, 8, 8]
+    assert batcher.waits_run_out == 1  # only the first round waited out the timeout
     assert elapsed[0] >= 0.9  # no history: it waited for a full batch
     assert max(elapsed[1:]) < 0.5, elapsed
 
