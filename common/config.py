@@ -336,8 +336,14 @@ class RewardConfig(_Section):
         unit="resource units",
     )
     tensor_parallel_size: int = F(1, description="vLLM tensor-parallel size per replica.", unit="GPUs", ge=1)
-    max_batch_size: int = F(16, description="@serve.batch max batch size.", unit="images", ge=1)
-    batch_wait_timeout_s: float = F(0.01, description="@serve.batch wait for a batch to fill.", unit="s", ge=0)
+    max_batch_size: int = F(16, description="Most images per scorer call (both services' batcher).", unit="images", ge=1)
+    batch_wait_timeout_s: float = F(
+        0.01, description="Longest a batch waits to fill after its first image.", unit="s", ge=0
+    )
+    adaptive_batch_wait: bool = F(
+        True, description="Cut a batch once it holds as many images as were recently outstanding at once "
+        "(concurrency 1 never waits); false: wait for a full batch or the timeout (@serve.batch's rule).",
+    )
     max_ongoing_requests: int = F(
         64, description="Per-replica request cap (must be >= max_batch_size for full batches).", unit="requests", ge=1
     )

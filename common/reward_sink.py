@@ -5,12 +5,13 @@ The sampler never waits for the score of step t before computing step t−1: it 
 gathered once the trajectory is done. Implementations: the reward service's client
 (:class:`reward_server.client.RewardClient`), and the local :class:`rollout.reward_sink.
 ThreadPoolSink` / :class:`rollout.reward_sink.NullSink`. Every implementation returns its scores
-through :func:`check_scores`.
+through :func:`check_scores`, the project's one score validator (the scorers and both reward
+services check with it too).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,15 +35,38 @@ class RewardSink(Protocol):
         ...
 
 
-def check_scores(scores: Any, n: int) -> np.ndarray:
-    """``scores`` as float32 [n]; :class:`RewardError` on a wrong count or an infinite score.
+def check_scores(
+    scores: Any,
+    n: int,
+    *,
+    nan_ok: bool = True,
+    ids: Sequence[str] | None = None,
+    source: str = "reward sink",
+    error: Callable[[str], Exception] = RewardError,
+    dtype: Any = np.float32,
+) -> np.ndarray:
+    """The one score check of the project: ``scores`` as a ``dtype`` [n] array of values in [0, 1].
 
-    NaN is allowed: an "unscorable" image, masked by the driver.
+    Every place a score enters or leaves (a scorer's ``ScoreBatch``, the scoring step of both
+    services, the client reading an answer, a local sink) calls this, so a score means the same
+    thing everywhere. NaN is "unscorable" (the reward model's answer for that image is not a score;
+    the driver masks its trajectory): allowed where ``nan_ok``. Raises ``error(message)`` on a
+    wrong count, or on ±inf, a NaN that is not allowed, or a value outside [0, 1]; the message
+    names ``source`` and the offending ``ids`` (positions when None) and values.
     """
-    arr = np.asarray(scores, dtype=np.float32).reshape(-1)
+    arr = np.asarray(scores, dtype=np.float64).reshape(-1)
     if arr.shape[0] != n:
-        raise RewardError(f"reward sink returned {arr.shape[0]} scores for {n} images")
-    if np.any(np.isinf(arr)):
-        bad = np.flatnonzero(np.isinf(arr)).tolist()
-        raise RewardError(f"reward sink returned infinite scores at positions {bad}")
-    return arr
+        raise error(f"{source} returned {arr.shape[0]} scores for {n} images")
+    nan = np.isnan(arr)
+    with np.errstate(invalid="ignore"):
+        bad = ~((arr >= 0.0) & (arr <= 1.0)) & ~(nan & nan_ok)
+    if np.any(bad):
+        where = np.flatnonzero(bad).tolist()
+        named = [ids[i] for i in where] if ids is not None else where
+        kinds = sorted({"infinite" if np.isinf(arr[i]) else "NaN" if nan[i] else "outside [0, 1]" for i in where})
+        shown = repr(named[:8])[:-1] + (f" … (+{len(named) - 8} more)]" if len(named) > 8 else "]")
+        raise error(
+            f"{source} returned non-finite or out-of-range scores ({', '.join(kinds)}) for "
+            f"{'ids' if ids is not None else 'positions'} {shown}: {arr[where][:8].tolist()}"
+        )
+    return arr.astype(dtype, copy=False)

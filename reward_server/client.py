@@ -4,7 +4,8 @@
 denoising, and ``gather`` waits for the scores (DESIGN.md §1). Two transports:
 
 * **Serve** (inside the job): one ``DeploymentHandle.score`` call per image, numpy arrays passed
-  as they are — the deployment's ``@serve.batch`` batches images from every worker.
+  as they are — the replica's micro-batcher (:mod:`reward_server.batcher`) batches images from
+  every worker.
 * **HTTP** (an external reward server, ``reward.endpoint``): one ``POST /score`` per chunk of
   ``max_images_per_request`` images, the msgpack body of DESIGN.md §3, bearer token if set.
 
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import math
 import random
 import threading
 import time
@@ -43,7 +43,7 @@ from typing import Any, Protocol, Self
 
 import numpy as np
 
-from common.reward_sink import RewardError
+from common.reward_sink import RewardError, check_scores
 
 __all__ = [
     "HTTPTransport",
@@ -88,20 +88,10 @@ def _check_scores(
         raise _Fatal(
             f"the service answered for ids {_show(got_ids)}, not the ids sent {_show(ids)}"
         )
-    arr = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if arr.shape[0] != len(ids):
-        raise _Fatal(f"the service returned {arr.shape[0]} scores for {len(ids)} images")
     # NaN is the service's word for "unscorable" (the model's answer for that image is not a
     # score: deterministic, not retried); the caller masks those trajectories. Anything else
     # outside [0, 1] (±inf, 1.5) is garbage from a broken service.
-    bad = [(i, float(s)) for i, s in zip(ids, arr)
-           if not (math.isnan(s) or (math.isfinite(s) and 0.0 <= s <= 1.0))]
-    if bad:
-        raise _Fatal(
-            f"the service returned non-finite or out-of-range scores for ids "
-            f"{_show([i for i, _ in bad])}: {[s for _, s in bad][:8]}"
-        )
-    return arr.astype(np.float32)
+    return check_scores(scores, len(ids), nan_ok=True, ids=list(ids), source="the service", error=_Fatal)
 
 
 def _show(ids: Sequence[str], limit: int = 8) -> str:

@@ -39,9 +39,9 @@ Slow clients cannot starve the queue: a connection must send its request head wi
 each answer) and its body within ``body_timeout_s``; a request takes one of the ``max_queue``
 slots only once its body has arrived, so connections trickling bytes hold none.
 
-Concurrent requests share scorer calls: a :class:`MicroBatcher` collects images from all of
-them until ``max_batch_size`` images or ``batch_wait_timeout_s`` after the first, then runs one
-(blocking) scorer call in a worker thread — the standalone service does not score one by one.
+Concurrent requests share scorer calls: the :class:`~reward_server.batcher.MicroBatcher` the Serve
+replica uses too collects images from all of them (full batch, the wait, or the adaptive cut of
+:mod:`reward_server.batcher`), then runs one (blocking) scorer call in a worker thread.
 """
 
 from __future__ import annotations
@@ -52,16 +52,14 @@ import json
 import math
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Self
 
-import numpy as np
 from aiohttp import web
 
 from common.types import ScoreResponse
 from common.wire import RequestLimits, WireError, decode_score_request, encode_score_response
-from reward_server.factory import ScoredImage, ScoreFailed, score_batch
+from reward_server.batcher import MicroBatcher
+from reward_server.factory import ScoreFailed
 
 if TYPE_CHECKING:
     from common.config import RewardConfig
@@ -106,114 +104,6 @@ def aiohttp_payload_errors() -> tuple[type[BaseException], ...]:
             asyncio.IncompleteReadError)
 
 
-# ------------------------------------------------------------------------------------ batching
-@dataclass
-class _Item:
-    image_id: str
-    image: np.ndarray
-    future: asyncio.Future
-
-
-class MicroBatcher:
-    """Collects images from concurrent requests into scorer batches (one scorer call at a time).
-
-    A batch is cut at ``max_batch_size`` images or ``batch_wait_timeout_s`` after its first
-    image, whichever comes first; the scorer runs in a worker thread so the event loop keeps
-    accepting requests (and filling the next batch) meanwhile.
-    """
-
-    def __init__(
-        self,
-        scorer: Scorer,
-        max_batch_size: int,
-        batch_wait_timeout_s: float,
-        metrics: _Metrics | None = None,
-    ):
-        self.scorer = scorer
-        self.max_batch_size = max_batch_size
-        self.batch_wait_timeout_s = batch_wait_timeout_s
-        self.metrics = metrics
-        self.batch_sizes: list[int] = []  # every batch this batcher ran (tests, stats)
-        self.last_latency_s = 0.0
-        #: When the scorer call in progress started (time.monotonic()); None when idle.
-        self.busy_since: float | None = None
-        self._queue: asyncio.Queue[_Item] | None = None
-        self._task: asyncio.Task | None = None
-
-    async def start(self) -> None:
-        self._queue = asyncio.Queue()
-        self._task = asyncio.create_task(self._run(), name="reward-micro-batcher")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        while self._queue is not None and not self._queue.empty():
-            item = self._queue.get_nowait()
-            if not item.future.done():
-                item.future.set_exception(ScoreFailed("server shutting down", "scoring"))
-
-    async def score(
-        self, ids: Sequence[str], images: Sequence[np.ndarray]
-    ) -> list[ScoredImage | ScoreFailed]:
-        assert self._queue is not None, "MicroBatcher.start() was not called"
-        loop = asyncio.get_running_loop()
-        items = [_Item(i, im, loop.create_future()) for i, im in zip(ids, images)]
-        for item in items:
-            self._queue.put_nowait(item)
-        return list(await asyncio.gather(*(item.future for item in items)))
-
-    async def _next_batch(self) -> list[_Item]:
-        assert self._queue is not None
-        loop = asyncio.get_running_loop()
-        batch = [await self._queue.get()]
-        cut = loop.time() + self.batch_wait_timeout_s
-        while len(batch) < self.max_batch_size:
-            try:
-                batch.append(self._queue.get_nowait())
-                continue
-            except asyncio.QueueEmpty:
-                pass
-            remaining = cut - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except TimeoutError:
-                break
-        return [item for item in batch if not item.future.done()]  # drop abandoned requests
-
-    async def _run(self) -> None:
-        while True:
-            batch = await self._next_batch()
-            if not batch:
-                continue
-            start = time.perf_counter()
-            self.busy_since = time.monotonic()
-            try:
-                results = await asyncio.to_thread(
-                    score_batch, self.scorer, [b.image_id for b in batch], [b.image for b in batch]
-                )
-            except Exception as err:  # noqa: BLE001 — score_batch returns errors; this is a bug guard
-                results = [ScoreFailed(f"{type(err).__name__}: {err}", "scoring")] * len(batch)
-            finally:
-                self.busy_since = None
-            self.last_latency_s = time.perf_counter() - start
-            self.batch_sizes.append(len(batch))
-            if self.metrics is not None:
-                self.metrics.batch(
-                    len(batch),
-                    self.last_latency_s,
-                    sum(isinstance(r, ScoredImage) for r in results),
-                )
-            for item, result in zip(batch, results):
-                if not item.future.done():
-                    item.future.set_result(result)
-
-
 # ------------------------------------------------------------------------------------ metrics
 class _Metrics:
     """prometheus_client metrics in an own registry (names from common.telemetry)."""
@@ -254,7 +144,8 @@ class RewardHTTPServer:
 
     Args:
         scorer: any :class:`reward_server.scoring.Scorer` (blocking ``score``).
-        max_batch_size, batch_wait_timeout_s: micro-batching of concurrent requests.
+        max_batch_size, batch_wait_timeout_s, adaptive_batch_wait: micro-batching of concurrent
+            requests (:class:`reward_server.batcher.MicroBatcher`).
         max_queue: requests in flight or waiting beyond which ``/score`` answers 503.
         limits: request caps (images, pixels, bytes).
         auth_token: bearer token ``/score`` requires; None: no auth.
@@ -268,6 +159,7 @@ class RewardHTTPServer:
         *,
         max_batch_size: int = 16,
         batch_wait_timeout_s: float = 0.05,
+        adaptive_batch_wait: bool = True,
         max_queue: int = 256,
         limits: RequestLimits = DEFAULT_REQUEST_LIMITS,
         auth_token: str | None = None,
@@ -283,7 +175,8 @@ class RewardHTTPServer:
         self.max_queue = max_queue
         self._token = auth_token.encode() if auth_token else None
         self.metrics = _Metrics(scorer.name)
-        self.batcher = MicroBatcher(scorer, max_batch_size, batch_wait_timeout_s, self.metrics)
+        self.batcher = MicroBatcher(scorer, max_batch_size, batch_wait_timeout_s, self.metrics,
+                                    adaptive=adaptive_batch_wait)
         self.pending = 0  # /score requests admitted and not yet answered
 
     @classmethod
@@ -292,6 +185,7 @@ class RewardHTTPServer:
             scorer,
             max_batch_size=reward.max_batch_size,
             batch_wait_timeout_s=reward.batch_wait_timeout_s,
+            adaptive_batch_wait=reward.adaptive_batch_wait,
             max_queue=reward.max_queue,
             limits=RequestLimits(
                 max_images=reward.max_images_per_request,

@@ -34,6 +34,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from common.reward_sink import check_scores
 from common.types import LEVEL_NAMES, ShapeError
 from reward_server.presets import ScorerPreset, get_preset
 
@@ -76,10 +77,8 @@ class ScoreBatch:
             raise ShapeError(
                 f"ScoreBatch.scores: expected a 1-d numpy array, got {type(s).__name__} {getattr(s, 'shape', '')}"
             )
-        if not np.all(np.isfinite(s)) or np.any(s < 0) or np.any(s > 1):
-            raise ScoringError(
-                f"ScoreBatch.scores: expected finite values in [0, 1], got {s.tolist()}"
-            )
+        check_scores(s, s.shape[0], nan_ok=False, source="ScoreBatch.scores: the scorer", error=ScoringError,
+                     dtype=np.float64)
         if self.levels is not None and self.levels.shape != (s.shape[0], len(LEVEL_NAMES)):
             raise ShapeError(
                 f"ScoreBatch.levels: expected shape [{s.shape[0]}, {len(LEVEL_NAMES)}], got {list(self.levels.shape)}"

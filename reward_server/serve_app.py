@@ -1,7 +1,7 @@
 """The reward service inside the Ray job: Ray Serve deployment ``IQAScorer`` (DESIGN.md §3).
 
-Each request is one image; ``@serve.batch`` gathers concurrent requests (from every rollout
-worker) into one scorer call. Rollout workers call it through a ``DeploymentHandle`` with numpy
+Each request is one image; the :class:`~reward_server.batcher.MicroBatcher` the standalone HTTP
+server uses too gathers concurrent requests (from every rollout worker) into one scorer call. Rollout workers call it through a ``DeploymentHandle`` with numpy
 arrays — no HTTP, no encoding — via :class:`reward_server.client.RewardClient`::
 
     handle = deploy(cfg.reward)                                   # in the driver
@@ -9,8 +9,9 @@ arrays — no HTTP, no encoding — via :class:`reward_server.client.RewardClien
 
 Sizing (all from ``RewardConfig``, independent of rollout):
 
-* ``max_batch_size`` / ``batch_wait_timeout_s``: the batch is cut when it is full or when the
-  first request has waited that long.
+* ``max_batch_size`` / ``batch_wait_timeout_s`` / ``adaptive_batch_wait``: the batch is cut when
+  it is full, when the first request has waited that long, or (adaptive) once it holds as many
+  images as were recently outstanding at once (:mod:`reward_server.batcher`).
 * ``max_ongoing_requests`` per replica: Serve's default (5) would cap every batch at 5 requests;
   the config requires it to be >= ``max_batch_size``.
 * ``num_replicas``, or ``autoscaling`` between ``min_replicas`` and ``max_replicas`` at
@@ -31,12 +32,10 @@ while a scorer call is stuck (``reward.scorer_stall_s``): Serve replaces the rep
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import logging
 import os
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +43,8 @@ import numpy as np
 from ray import serve
 
 from common.placement import actor_resources
-from reward_server.factory import ScoredImage, ScoreFailed, check_image, score_batch, scorer_spec
+from reward_server.batcher import MicroBatcher
+from reward_server.factory import ScoredImage, ScoreFailed, check_image, scorer_spec
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
@@ -79,6 +79,7 @@ class IQAScorer:
             :class:`~reward_server.factory.ScorerSpec`; vLLM engines cannot be pickled).
         max_batch_size: most images per scorer call.
         batch_wait_timeout_s: longest wait for a batch to fill after its first request.
+        adaptive_batch_wait: the batcher's adaptive cut (:class:`~reward_server.batcher.MicroBatcher`).
         max_image_pixels: per-image pixel cap (bad input otherwise).
         stats_window: how many recent batch sizes :meth:`stats` keeps.
         scorer_stall_s: a scorer call running longer than this fails :meth:`check_health`, and
@@ -91,6 +92,7 @@ class IQAScorer:
         *,
         max_batch_size: int,
         batch_wait_timeout_s: float,
+        adaptive_batch_wait: bool = True,
         max_image_pixels: int | None = None,
         stats_window: int = 10_000,
         scorer_stall_s: float = 300.0,
@@ -99,8 +101,6 @@ class IQAScorer:
 
         self.scorer = scorer_factory()
         self.max_image_pixels = max_image_pixels
-        self._score_batch.set_max_batch_size(max_batch_size)
-        self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         tags = {"backend": self.scorer.name}
         self._m_images = ray_metric("reward_images_total", tags)
         self._m_batch = ray_metric("reward_batch_size", tags)
@@ -108,12 +108,13 @@ class IQAScorer:
         self._m_queue = ray_metric("reward_queue_depth")
         self._m_errors = ray_metric("reward_errors_total")
         self._ongoing = 0  # requests waiting for a batch or being scored in this replica
-        self._batch_sizes: deque[int] = deque(maxlen=stats_window)
         self._images = 0
         self._errors: Counter[str] = Counter()
         self.scorer_stall_s = scorer_stall_s
-        self._calls: dict[int, float] = {}  # scorer calls in progress: number -> start (monotonic)
-        self._call_ids = itertools.count()
+        # Started on the first request, on the event loop Serve runs this replica's requests on.
+        self.batcher = MicroBatcher(self.scorer, max_batch_size, batch_wait_timeout_s, self,
+                                    adaptive=adaptive_batch_wait, stats_window=stats_window)
+        self._calls = self.batcher.calls  # scorer calls in progress: number -> start (monotonic)
         # Wall-clock time this replica became able to serve: a client whose request timed out
         # compares it with when it sent the request (a replica younger than the request = a restart).
         self._started_at = time.time()
@@ -138,44 +139,27 @@ class IQAScorer:
         except ScoreFailed:
             self._error("bad_input")
             raise
+        if not self.batcher.started:
+            await self.batcher.start()
         self._ongoing += 1
         self._m_queue.set(self._ongoing)
         try:
-            result = await self._score_batch(image_id, image)
+            (result,) = await self.batcher.score([image_id], [image])
         finally:
             self._ongoing -= 1
             self._m_queue.set(self._ongoing)
         if isinstance(result, ScoreFailed):
+            self._error(result.kind)
             raise result
-        return result
+        return result._replace(version=getattr(self.scorer, "version", None))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)  # reset from the config in __init__
-    async def _score_batch(
-        self, image_ids: list[str], images: list[np.ndarray]
-    ) -> list[ScoredImage | ScoreFailed]:
-        n = len(images)
-        self._batch_sizes.append(n)
-        self._m_batch.observe(n)
-        start = time.perf_counter()
-        # The scorer is blocking (a forward pass, a vLLM generate): run it off the event loop so
-        # the replica keeps accepting requests (and forming the next batch) meanwhile.
-        call = next(self._call_ids)
-        self._calls[call] = time.monotonic()
-        try:
-            results = await asyncio.to_thread(score_batch, self.scorer, image_ids, images)
-        finally:
-            del self._calls[call]
-        version = getattr(self.scorer, "version", None)
-        results = [r._replace(version=version) if isinstance(r, ScoredImage) else r for r in results]
-        self._m_latency.observe(time.perf_counter() - start)
-        ok = sum(isinstance(r, ScoredImage) for r in results)
+    def batch(self, size: int, seconds: float, ok: int) -> None:
+        """The batcher's report of one scorer call (:class:`~reward_server.batcher.BatchMetrics`)."""
+        self._m_batch.observe(size)
+        self._m_latency.observe(seconds)
         if ok:
             self._images += ok
             self._m_images.inc(ok)
-        for r in results:
-            if isinstance(r, ScoreFailed):
-                self._error(r.kind)
-        return results
 
     def _error(self, kind: str) -> None:
         self._errors[kind] += 1
@@ -187,7 +171,7 @@ class IQAScorer:
         import ray
 
         return {
-            "batch_sizes": list(self._batch_sizes),
+            "batch_sizes": list(self.batcher.batch_sizes),
             "images": self._images,
             "errors": dict(self._errors),
             "ongoing": self._ongoing,
@@ -258,6 +242,7 @@ def build_app(
         factory,
         max_batch_size=reward.max_batch_size,
         batch_wait_timeout_s=reward.batch_wait_timeout_s,
+        adaptive_batch_wait=reward.adaptive_batch_wait,
         max_image_pixels=reward.max_image_pixels,
         scorer_stall_s=reward.scorer_stall_s,
     )

@@ -273,7 +273,7 @@ def test_sink_factory_is_picklable_and_builds_an_http_client(piqe_server, distin
 @pytest.fixture(scope="module")
 def kill_app(serve_session):
     """A piqe app whose batches wait 1 s to fill: requests sit in the replica long enough to be
-    killed with it."""
+    killed with it (the fixed wait: the adaptive cut would score them at once)."""
     from reward_server.serve_app import deploy
 
     cfg = RewardConfig(
@@ -281,6 +281,7 @@ def kill_app(serve_session):
         max_batch_size=64,
         max_ongoing_requests=64,
         batch_wait_timeout_s=1.0,
+        adaptive_batch_wait=False,
         num_cpus_per_replica=0.5,
     )
     handle = deploy(cfg, name="test-client-kill")
