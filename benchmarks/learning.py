@@ -27,6 +27,10 @@ Arms (the reward of each is a list of config overrides: ``EASY_REWARD``, ``iqa_r
   (``--iqa-model DIR``: a local VLM folder scored with the transformers backend; ``--iqa-set``
   adds overrides), with its own null control (``rl_gain_iqa_over_null``). Reported as null
   without it.
+* ``sft_iqa``, ``adaptive_null_iqa`` — +Diff.SFT (``sft_only``: no reward in training, the IQA
+  model only scores) and the adaptive mode with its advantages shuffled. With ``--eval-split
+  test`` (the held-out split) ``adaptive_minus_sft_iqa`` ± SE is the study's Original vs
+  +Diff.SFT question, paired on the same draws; ``--base-set`` picks another starting policy.
 
 The training settings every arm shares are ``TRAIN_OVERRIDES`` (see the comments there for the
 measurement behind each). Wall time: about 4.5 min per arm (8 iterations × 16 trajectories, then
