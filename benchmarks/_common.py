@@ -10,8 +10,9 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -68,3 +69,51 @@ def emit(name: str, figures: dict[str, Any]) -> None:
     payload = {"benchmark": name, **figures, "machine": machine()}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps(payload))
+
+
+class ServerProcess:
+    """A server command in its own process group, its output in ``log_path`` (never this
+    process's stdout, whose last line must be the JSON); ready once ``health_url`` answers 200.
+    Used for ``python -m reward_server`` and ``vllm serve`` alike."""
+
+    def __init__(self, cmd: list[str], log_path: Path, health_url: str, *, name: str,
+                 startup_timeout_s: float = 900.0):
+        import os
+        import subprocess
+        import urllib.request
+
+        self.name = name
+        self._log = open(log_path, "wb")  # noqa: SIM115 — closed in close()
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env=dict(os.environ))
+        t0 = time.perf_counter()
+        while True:
+            if self.proc.poll() is not None:
+                self._log.close()
+                raise RuntimeError(f"{name} exited with {self.proc.returncode}; see {log_path}")
+            try:
+                with urllib.request.urlopen(health_url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.perf_counter() - t0 > startup_timeout_s:
+                self.close()
+                raise TimeoutError(f"{name} not ready within {startup_timeout_s:g} s; see {log_path}")
+            time.sleep(1.0)
+        self.startup_s = time.perf_counter() - t0
+
+    def close(self) -> None:
+        """SIGTERM to the process group, SIGKILL after 60 s."""
+        import os
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
+        self._log.close()

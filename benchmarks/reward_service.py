@@ -48,7 +48,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import numpy as np
 
-from benchmarks._common import emit, print_table
+from benchmarks._common import ServerProcess, emit, print_table
 from common.config import RewardConfig
 
 BACKENDS = ("vllm", "transformers")
@@ -81,9 +81,6 @@ class _ServerProcess:
     Batch sizes come from its ``/metrics`` (the ``reward_batch_size`` histogram's sum and count)."""
 
     def __init__(self, cfg: RewardConfig, log_path: Path, startup_timeout_s: float = 900.0):
-        import subprocess
-        import urllib.request
-
         from common.weight_transport import free_port
 
         self.port = free_port("127.0.0.1")
@@ -99,22 +96,9 @@ class _ServerProcess:
         cmd = [sys.executable, "-m", "reward_server"]
         for k, v in sets.items():
             cmd += ["--set", f"reward.{k}={str(v).lower() if isinstance(v, bool) else v}"]
-        self._log = open(log_path, "wb")  # noqa: SIM115 — closed in close()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        t0 = time.perf_counter()
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"python -m reward_server exited with {self.proc.returncode}; see {log_path}")
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.perf_counter() - t0 > startup_timeout_s:
-                raise TimeoutError(f"reward server not ready within {startup_timeout_s:g} s; see {log_path}")
-            time.sleep(1.0)
-        self.startup_s = time.perf_counter() - t0
+        self.server = ServerProcess(cmd, log_path, self.url + "/healthz", name="python -m reward_server",
+                                    startup_timeout_s=startup_timeout_s)
+        self.startup_s = self.server.startup_s
 
     def batch_totals(self) -> tuple[float, float]:
         """(images, batches) scored so far, from /metrics."""
@@ -134,16 +118,7 @@ class _ServerProcess:
         return total, count
 
     def close(self) -> None:
-        import signal
-
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except Exception:  # noqa: BLE001 — subprocess.TimeoutExpired: kill it
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
-        self._log.close()
+        self.server.close()
 
 
 def _reward_config(backend: str, args: argparse.Namespace) -> RewardConfig:
@@ -228,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         from reward_server.factory import build_scorer_from_config
         from reward_server.http_server import BackgroundServer, RewardHTTPServer
+        from reward_server.scoring import shutdown_engine
 
     cfgs = {b: _reward_config(b, args) for b in backends}
     for backend in backends:
@@ -241,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
             server = RewardHTTPServer.from_config(cfg, build_scorer_from_config(cfg))
             bg = BackgroundServer(server).start()
             inproc_down.append(bg.stop)
-            inproc_down.append(lambda s=server: _shutdown_engine(s.scorer))
+            inproc_down.append(lambda s=server: shutdown_engine(s.scorer))
             clients[backend] = RewardClient.from_endpoint(bg.url, timeout_s=cfg.timeout_s)
             servers[backend] = server
             batch_stats[backend] = lambda s=server: list(s.batcher.batch_sizes)
@@ -446,14 +422,6 @@ def _quiet_resource_tracker(log_path: Path) -> None:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(fd)
-
-
-def _shutdown_engine(scorer: object) -> None:
-    """Stop an in-process vLLM engine's core process now (its exit logs would otherwise print at
-    interpreter exit, after the JSON line)."""
-    core = getattr(getattr(getattr(scorer, "llm", None), "llm_engine", None), "engine_core", None)
-    if core is not None and hasattr(core, "shutdown"):
-        core.shutdown()
 
 
 if __name__ == "__main__":  # vLLM spawns processes: the engine must be created under this guard

@@ -35,6 +35,21 @@ class RewardSink(Protocol):
         ...
 
 
+def show_ids(ids: Sequence[Any], limit: int = 8) -> str:
+    """``ids`` for an error message: the first ``limit`` and how many more."""
+    ids = list(ids)
+    more = f" … (+{len(ids) - limit} more)" if len(ids) > limit else ""
+    return repr(ids[:limit])[:-1] + more + "]" if ids else "[]"
+
+
+def valid_scores(scores: np.ndarray, *, nan_ok: bool = True) -> np.ndarray:
+    """bool mask of the entries of ``scores`` that are scores: in [0, 1], or NaN where ``nan_ok``
+    ("unscorable"). Pure; :func:`check_scores` and the per-image check of a scorer's batch share it."""
+    arr = np.asarray(scores, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return ((arr >= 0.0) & (arr <= 1.0)) | (np.isnan(arr) & nan_ok)
+
+
 def check_scores(
     scores: Any,
     n: int,
@@ -57,16 +72,13 @@ def check_scores(
     arr = np.asarray(scores, dtype=np.float64).reshape(-1)
     if arr.shape[0] != n:
         raise error(f"{source} returned {arr.shape[0]} scores for {n} images")
-    nan = np.isnan(arr)
-    with np.errstate(invalid="ignore"):
-        bad = ~((arr >= 0.0) & (arr <= 1.0)) & ~(nan & nan_ok)
-    if np.any(bad):
-        where = np.flatnonzero(bad).tolist()
+    where = np.flatnonzero(~valid_scores(arr, nan_ok=nan_ok)).tolist()
+    if where:
         named = [ids[i] for i in where] if ids is not None else where
-        kinds = sorted({"infinite" if np.isinf(arr[i]) else "NaN" if nan[i] else "outside [0, 1]" for i in where})
-        shown = repr(named[:8])[:-1] + (f" … (+{len(named) - 8} more)]" if len(named) > 8 else "]")
+        kinds = sorted({"infinite" if np.isinf(arr[i]) else "NaN" if np.isnan(arr[i]) else "outside [0, 1]"
+                        for i in where})
         raise error(
             f"{source} returned non-finite or out-of-range scores ({', '.join(kinds)}) for "
-            f"{'ids' if ids is not None else 'positions'} {shown}: {arr[where][:8].tolist()}"
+            f"{'ids' if ids is not None else 'positions'} {show_ids(named)}: {arr[where][:8].tolist()}"
         )
     return arr.astype(dtype, copy=False)

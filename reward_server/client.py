@@ -43,7 +43,7 @@ from typing import Any, Protocol, Self
 
 import numpy as np
 
-from common.reward_sink import RewardError, check_scores
+from common.reward_sink import RewardError, check_scores, show_ids
 
 __all__ = [
     "HTTPTransport",
@@ -86,18 +86,12 @@ def _check_scores(
     """Echoed ids must equal the ids sent (same order); scores finite, in [0, 1]."""
     if list(got_ids) != list(ids):
         raise _Fatal(
-            f"the service answered for ids {_show(got_ids)}, not the ids sent {_show(ids)}"
+            f"the service answered for ids {show_ids(got_ids)}, not the ids sent {show_ids(ids)}"
         )
     # NaN is the service's word for "unscorable" (the model's answer for that image is not a
     # score: deterministic, not retried); the caller masks those trajectories. Anything else
     # outside [0, 1] (±inf, 1.5) is garbage from a broken service.
     return check_scores(scores, len(ids), nan_ok=True, ids=list(ids), source="the service", error=_Fatal)
-
-
-def _show(ids: Sequence[str], limit: int = 8) -> str:
-    ids = list(ids)
-    more = f" … (+{len(ids) - limit} more)" if len(ids) > limit else ""
-    return repr(ids[:limit])[:-1] + more + "]" if ids else "[]"
 
 
 # ------------------------------------------------------------------------------------ transports
@@ -454,7 +448,7 @@ class RewardClient:
             bad_ids = [i for ci, _ in failed for i in ci]
             reasons = sorted({str(r) for _, r in failed})
             raise RewardError(
-                f"no reward for {len(bad_ids)} of {len(ids)} image(s), ids {_show(bad_ids)}: "
+                f"no reward for {len(bad_ids)} of {len(ids)} image(s), ids {show_ids(bad_ids)}: "
                 + " | ".join(reasons[:3])
                 + (f" | … ({len(reasons) - 3} more reasons)" if len(reasons) > 3 else "")
             )

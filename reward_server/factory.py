@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from common.reward_sink import check_scores
+from common.reward_sink import valid_scores
 
 if TYPE_CHECKING:
     from common.config import RewardConfig
@@ -207,10 +207,6 @@ def check_image(image: object, image_id: object, max_pixels: int | None = None) 
     return image
 
 
-def _unscorable(message: str) -> ScoreFailed:
-    return ScoreFailed(message, "unscorable")
-
-
 def _unpack(batch: object, ids: Sequence[str]) -> list[ScoredImage | ScoreFailed]:
     """A scorer's ScoreBatch -> one result per id; a non-finite or out-of-range score fails
     its image (the Scorer Protocol does not force every backend through ScoreBatch's checks)."""
@@ -226,13 +222,13 @@ def _unpack(batch: object, ids: Sequence[str]) -> list[ScoredImage | ScoreFailed
                 f"the scorer returned levels of shape {list(levels.shape)} for {n} images",
                 "scoring",
             )
+    ok = valid_scores(scores, nan_ok=False)  # [n]
     out: list[ScoredImage | ScoreFailed] = []
     for i, image_id in enumerate(ids):
         s = float(scores[i])
-        try:
-            check_scores([s], 1, nan_ok=False, ids=[image_id], source="the scorer", error=_unscorable)
-        except ScoreFailed as failed:
-            out.append(failed)
+        if not ok[i]:
+            out.append(ScoreFailed(f"image {image_id!r}: the scorer returned {s!r}, not a score in [0, 1]",
+                                   "unscorable"))
             continue
         row = None if levels is None else tuple(float(p) for p in levels[i])
         if row is not None and not all(math.isfinite(p) for p in row):

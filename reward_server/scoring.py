@@ -50,6 +50,7 @@ __all__ = [
     "expected_score",
     "metric_to_unit",
     "parse_number_answer",
+    "shutdown_engine",
 ]
 
 
@@ -388,6 +389,14 @@ class VLLMScorer:
             )
             return ScoreBatch(scores=scores, levels=probs)
         return _score_texts(self.generate_text(images), p)
+
+
+def shutdown_engine(scorer: object) -> None:
+    """Stop a :class:`VLLMScorer`'s engine core process now (no-op for other scorers): a replica
+    going away, or a benchmark whose JSON must stay the last line (the core logs when it exits)."""
+    core = getattr(getattr(getattr(scorer, "llm", None), "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
 
 
 def _score_texts(texts: list[str], preset: ScorerPreset) -> ScoreBatch:

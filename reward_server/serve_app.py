@@ -188,13 +188,12 @@ class IQAScorer:
     def __del__(self) -> None:
         # Serve calls __del__ on graceful shutdown: stop a vLLM engine's core process with the
         # replica instead of leaving it to be reaped later.
-        llm = getattr(getattr(self, "scorer", None), "llm", None)
-        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            try:
-                core.shutdown()
-            except Exception as err:  # noqa: BLE001 — best effort while the replica goes away
-                logging.getLogger(__name__).warning("vLLM engine shutdown failed: %s", err)
+        from reward_server.scoring import shutdown_engine
+
+        try:
+            shutdown_engine(getattr(self, "scorer", None))
+        except Exception as err:  # noqa: BLE001 — best effort while the replica goes away
+            logging.getLogger(__name__).warning("vLLM engine shutdown failed: %s", err)
 
 
 def deployment_options(reward: RewardConfig) -> dict[str, Any]:
