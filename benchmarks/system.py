@@ -38,7 +38,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "configs" / "demo_cpu.
 def _overrides(out: Path, iterations: int, run: str, staleness: int) -> list[str]:
     return [
         "reward.backend=pyiqa", "reward.pyiqa_metric=piqe", "data.resolution=32", "rollout.num_inference_steps=4",
-        "rollout.batch_size=8", "rollout.num_workers=2", "logging.progress=false",
+        "rollout.batch_size=8", "rollout.samples_per_input=2", "rollout.num_workers=2", "logging.progress=false",
         f"deploy.iterations={iterations}", f"deploy.output_dir={out}", f"deploy.run_name={run}",
         f"deploy.max_staleness={staleness}", f"deploy.checkpoint_every={iterations}",
     ]

@@ -143,8 +143,6 @@ def paired_gain_report(rl: ExperimentConfig, run_root: Path) -> dict[str, float]
 
     The base is scored by the transformers engine on the run's model folder (vLLM agrees with it
     to ~1e-7 on this model: the card's ``vllm_vs_transformers_max_abs_diff``)."""
-    import numpy as np
-
     from deploy.compare import base_reward_curve
     from deploy.figures import reward_curve, reward_curves_figure
     from reward_server.factory import build_scorer_from_config
@@ -164,9 +162,8 @@ def paired_gain_report(rl: ExperimentConfig, run_root: Path) -> dict[str, float]
     if len(same) < len(xs):
         print(f"[demo] {len(xs) - len(same)} iteration(s) were scored by a refreshed reward model: the paired gain "
               f"covers the {len(same)} scored by the base's model", flush=True)
-    gain = np.asarray([y - by_it[x] for x, y in same])
-    se = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else float("nan")
-    out = {"mean_gain": float(gain.mean()), "se": se, "last_gain": float(gain[-1])}
+    gain = [y - by_it[x] for x, y in same]
+    out = paired_gain_summary(gain)
     (run_root / "base_rewards.json").write_text(json.dumps(
         {"iterations": its, "base_reward_mean": base, "arm_iterations": xs, "arm_reward_mean": ys,
          "gain": gain.tolist(), **out}, indent=2) + "\n")
@@ -174,9 +171,31 @@ def paired_gain_report(rl: ExperimentConfig, run_root: Path) -> dict[str, float]
                          title="Training reward vs the base policy on the same draws",
                          baselines={"RL run": (its, base)})
     print(f"[demo] paired reward gain of the RL run over the base policy on the same inputs and noise: "
-          f"{out['mean_gain']:+.4f} ± {se:.4f} (mean ± SE over {len(gain)} iterations; the last one "
-          f"{out['last_gain']:+.4f}); curves: {run_root / 'reward_curve_vs_base.png'}", flush=True)
+          f"{out['mean_gain']:+.4f} ± {out['se']:.4f} (mean ± SE over {len(gain)} iterations), "
+          f"{out['second_half_gain']:+.4f} ± {out['second_half_se']:.4f} over the last {out['second_half_n']} "
+          f"(the first iteration samples the untouched policy: its gain is 0 by construction); "
+          f"curves: {run_root / 'reward_curve_vs_base.png'}", flush=True)
     return out
+
+
+def paired_gain_summary(gain: list[float]) -> dict[str, float]:
+    """Mean ± SE of the per-iteration paired gains (run's mean reward − base's, same draws), over
+    all iterations and over the second half (the last ⌈n/2⌉), and the last one. The SE is over
+    iterations (each iteration's draws are new inputs and noise); NaN with fewer than two."""
+    import numpy as np
+
+    g = np.asarray(gain, dtype=np.float64)
+    if g.ndim != 1 or len(g) == 0:
+        raise ValueError(f"paired_gain_summary: expected a non-empty list of gains, got shape {g.shape}")
+
+    def mean_se(x: np.ndarray) -> tuple[float, float]:
+        return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+    half = g[len(g) // 2:]
+    mean, se = mean_se(g)
+    half_mean, half_se = mean_se(half)
+    return {"mean_gain": mean, "se": se, "second_half_gain": half_mean, "second_half_se": half_se,
+            "second_half_n": len(half), "last_gain": float(g[-1])}
 
 
 def main(argv: list[str] | None = None) -> int:

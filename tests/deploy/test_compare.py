@@ -13,7 +13,8 @@ from deploy.figures import pass_means
 
 DEMO = Path(__file__).resolve().parents[2] / "deploy" / "configs" / "demo_cpu.yaml"
 SMALL = ["data.resolution=32", "data.num_synthetic=8", "data.num_test=2", "rollout.num_inference_steps=3",
-         "rollout.batch_size=4", "reward.backend=pyiqa", "reward.pyiqa_metric=piqe", "logging.progress=false"]
+         "rollout.batch_size=4", "rollout.samples_per_input=2", "reward.backend=pyiqa", "reward.pyiqa_metric=piqe",
+         "logging.progress=false"]
 
 
 def test_arms_differ_only_in_their_row_and_run_name(tmp_path):

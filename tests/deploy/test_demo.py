@@ -33,3 +33,23 @@ def test_iqa_cache_key_reads_the_vae_by_content_not_by_path(tmp_path):
     assert a == key("checkout-b")  # same VAE files elsewhere: the trained IQA model is reused
     (tmp_path / "checkout-b" / "vae-581902539732" / "config.json").write_text('{"latent_channels": 8}')
     assert a != key("checkout-b")  # other VAE bytes: another IQA model
+
+
+def test_paired_gain_summary_by_hand():
+    import math
+
+    import pytest
+
+    from deploy.demo import paired_gain_summary
+
+    out = paired_gain_summary([0.0, 0.001, 0.003, 0.005, 0.007])
+    assert out["mean_gain"] == pytest.approx(0.0032)
+    # deviations from .0032: -3.2, -2.2, -0.2, 1.8, 3.8 (e-3); squares sum 32.8e-6; SD sqrt(32.8e-6 / 4)
+    assert out["se"] == pytest.approx(math.sqrt(32.8e-6 / 4) / math.sqrt(5))
+    assert out["second_half_n"] == 3 and out["second_half_gain"] == pytest.approx(0.005)
+    assert out["second_half_se"] == pytest.approx(0.002 / math.sqrt(3))  # SD of (.003, .005, .007) = .002
+    assert out["last_gain"] == pytest.approx(0.007)
+    one = paired_gain_summary([0.002])
+    assert one["mean_gain"] == 0.002 and math.isnan(one["se"]) and math.isnan(one["second_half_se"])
+    with pytest.raises(ValueError, match="non-empty"):
+        paired_gain_summary([])

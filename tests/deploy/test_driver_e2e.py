@@ -29,6 +29,7 @@ DEMO = REPO / "deploy" / "configs" / "demo_cpu.yaml"
 # A small, fast variant of the demo for the schedule/resume tests (pyiqa reward: no engine start).
 FAST = [
     "data.resolution=32", "data.num_synthetic=8", "rollout.num_inference_steps=3", "rollout.batch_size=4",
+    "rollout.samples_per_input=2",
     "reward.backend=pyiqa", "reward.pyiqa_metric=piqe", "logging.progress=false",
 ]
 
@@ -169,7 +170,8 @@ def test_demo_config_as_ray_job_sync_with_monitoring(ray_head, tmp_path):
     meanwhile Ray's metrics port and a real Prometheus see the job's counters grow."""
     out = tmp_path / "runs"
     prom, prom_url = _prometheus(tmp_path, ray_head["temp_dir"] / "prom_metrics_service_discovery.json")
-    args = ["--config", str(DEMO.relative_to(REPO)), "--set", "deploy.iterations=2", "--set",
+    args = ["--config", str(DEMO.relative_to(REPO)), "--set", "deploy.iterations=2",
+            "--set", "rollout.batch_size=8", "--set", "rollout.samples_per_input=2", "--set",
             f"deploy.output_dir={out}", "--set", "deploy.run_name=sync", "--set", "logging.progress=false",
             "--set", f"reward.cache_dir={REPO / '.cache' / 'restore-rl'}",
             # The seeded random VLM: this test is about the job and its monitoring; the trained

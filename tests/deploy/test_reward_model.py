@@ -105,7 +105,8 @@ def test_iterative_rl_rolls_the_reward_over_and_resume_keeps_the_version(ray_loc
     overrides = [
         f"deploy.output_dir={tmp_path / 'runs'}", "deploy.run_name=iter", f"reward.cache_dir={tmp_path / 'cache'}",
         "data.resolution=32", "data.num_synthetic=4", "data.num_test=1", "rollout.num_inference_steps=3",
-        "rollout.batch_size=4", "logging.progress=false", "reward.backend=transformers",
+        "rollout.batch_size=4", "rollout.samples_per_input=2", "logging.progress=false",
+        "reward.backend=transformers",
         "reward.iqa_train.steps=40", "reward.iqa_train.crops_per_photo=3", "reward.iqa_train.degraded_per_crop=1",
         "reward.iqa_train.restored_inputs=2", "reward.iqa_train.held_out_crops_per_photo=2",
         "reward.iqa_train.min_srcc=-1", "reward.iqa_train.refresh_max_srcc_drop=1", "reward.iqa_train.refresh_every=2",

@@ -22,7 +22,8 @@ DEMO = Path(__file__).resolve().parents[2] / "deploy" / "configs" / "demo_cpu.ya
 N = 5
 SMALL = [
     "data.resolution=32", "data.num_synthetic=4", "data.num_test=1", "rollout.num_inference_steps=2",
-    "rollout.batch_size=4", "rollout.num_workers=1", "algorithm.reward=reconstruction", "logging.progress=false",
+    "rollout.batch_size=4", "rollout.samples_per_input=2", "rollout.num_workers=1", "algorithm.reward=reconstruction",
+    "logging.progress=false",
     f"deploy.iterations={N}",
 ]
 #: What must match an uninterrupted run, per iteration.
