@@ -63,11 +63,12 @@ def print_table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...]
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
 
 
-def emit(name: str, figures: dict[str, Any]) -> None:
-    """Write results/<name>.json and print the JSON object as the last line."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def emit(name: str, figures: dict[str, Any], *, write: bool = True) -> None:
+    """Print the JSON object as the last line; with ``write``, also save it as results/<name>.json."""
     payload = {"benchmark": name, **figures, "machine": machine()}
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    if write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps(payload))
 
 

@@ -126,12 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"rho {figures['rho']:+.4f}  critical batch {figures['critical_batch']}  "
           f"cos to the other batches' mean {figures['cos_to_rest_mean']:+.4f}  ({args.batches} batches × "
           f"{cfg.rollout.batch_size} trajectories, {figures['params']} weights)", flush=True)
-    if args.no_emit:
-        import json
-
-        print(json.dumps({"benchmark": "gradient_snr", **figures}))
-    else:
-        emit("gradient_snr", figures)
+    emit("gradient_snr", figures, write=not args.no_emit)
     return figures
 
 

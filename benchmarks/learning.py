@@ -345,12 +345,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_s": round(wall, 1), "jobs": args.jobs,
         "arms": {r["arm"]: {k: v for k, v in r.items() if k != "arm"} for r in results},
     }
-    if args.no_emit:
-        import json
-
-        print(json.dumps({"benchmark": "learning", **figures}))
-    else:
-        emit("learning", figures)
+    emit("learning", figures, write=not args.no_emit)
     return figures
 
 

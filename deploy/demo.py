@@ -166,7 +166,7 @@ def paired_gain_report(rl: ExperimentConfig, run_root: Path) -> dict[str, float]
     out = paired_gain_summary(gain)
     (run_root / "base_rewards.json").write_text(json.dumps(
         {"iterations": its, "base_reward_mean": base, "arm_iterations": xs, "arm_reward_mean": ys,
-         "gain": gain.tolist(), **out}, indent=2) + "\n")
+         "gain": gain, **out}, indent=2) + "\n")
     reward_curves_figure({"RL run": (xs, ys)}, run_root / "reward_curve_vs_base.png",
                          title="Training reward vs the base policy on the same draws",
                          baselines={"RL run": (its, base)})
@@ -182,20 +182,15 @@ def paired_gain_summary(gain: list[float]) -> dict[str, float]:
     """Mean ± SE of the per-iteration paired gains (run's mean reward − base's, same draws), over
     all iterations and over the second half (the last ⌈n/2⌉), and the last one. The SE is over
     iterations (each iteration's draws are new inputs and noise); NaN with fewer than two."""
-    import numpy as np
+    from deploy.compare import mean_se
 
-    g = np.asarray(gain, dtype=np.float64)
-    if g.ndim != 1 or len(g) == 0:
-        raise ValueError(f"paired_gain_summary: expected a non-empty list of gains, got shape {g.shape}")
-
-    def mean_se(x: np.ndarray) -> tuple[float, float]:
-        return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
-
-    half = g[len(g) // 2:]
-    mean, se = mean_se(g)
+    if not gain:
+        raise ValueError("paired_gain_summary: expected a non-empty list of gains")
+    half = list(gain[len(gain) // 2:])
+    mean, se = mean_se(list(gain))
     half_mean, half_se = mean_se(half)
     return {"mean_gain": mean, "se": se, "second_half_gain": half_mean, "second_half_se": half_se,
-            "second_half_n": len(half), "last_gain": float(g[-1])}
+            "second_half_n": len(half), "last_gain": float(gain[-1])}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ def test_batch_gradients_are_the_rl_gradient_of_the_untouched_policy():
     """A reward that tells the samples apart gives a non-zero gradient; a constant reward gives
     zero advantages, and at the untouched policy the KL's gradient is zero too: an exact zero."""
     cfg = _tiny_cfg()
-    brightness = lambda images: np.asarray(images, dtype=np.float64).mean(axis=(1, 2, 3)) / 255.0  # noqa: E731
+    brightness = lambda images: np.asarray(images, dtype=np.float64).mean(axis=(1, 2, 3)) / 255.0
     grads = batch_gradients(cfg, 2, brightness)
     assert grads.dim() == 2 and grads.shape[0] == 2 and torch.isfinite(grads).all()
     assert float(grads.norm(dim=1).min()) > 0

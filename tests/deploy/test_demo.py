@@ -53,3 +53,30 @@ def test_paired_gain_summary_by_hand():
     assert one["mean_gain"] == 0.002 and math.isnan(one["se"]) and math.isnan(one["second_half_se"])
     with pytest.raises(ValueError, match="non-empty"):
         paired_gain_summary([])
+
+
+def test_paired_gain_report_writes_base_rewards_json(tmp_path, monkeypatch):
+    """The report pairs the run's per-iteration reward with the base's by iteration, writes
+    base_rewards.json and draws the figure (the engines and the re-sampling are stubbed out)."""
+    import json
+
+    import pytest
+
+    import deploy.compare
+    import deploy.figures
+    import reward_server.factory
+    from deploy.demo import paired_gain_report
+
+    cfg = load_config(DEMO_CONFIG, ["reward.backend=pyiqa", "deploy.iterations=3"])
+    rows = [{"iteration": i, "reward/mean": r, "reward_model_index": 0} for i, r in enumerate((0.5, 0.62, 0.71))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(reward_server.factory, "build_scorer_from_config", lambda reward: None)
+    monkeypatch.setattr(deploy.compare, "base_reward_curve", lambda rl, n, scorer: ([0, 1, 2], [0.5, 0.6, 0.68]))
+    drawn = []
+    monkeypatch.setattr(deploy.figures, "reward_curves_figure", lambda *a, **k: drawn.append(a[1]))
+    out = paired_gain_report(cfg, tmp_path)
+    saved = json.loads((tmp_path / "base_rewards.json").read_text())
+    assert saved["gain"] == pytest.approx([0.0, 0.02, 0.03])
+    assert out["mean_gain"] == pytest.approx(0.05 / 3) and saved["mean_gain"] == pytest.approx(out["mean_gain"])
+    assert out["second_half_n"] == 2 and out["second_half_gain"] == pytest.approx(0.025)
+    assert drawn == [tmp_path / "reward_curve_vs_base.png"]
