@@ -96,7 +96,12 @@ def test_micro_batching_equals_the_full_batch(tiny_data_config, tiny_trajectory)
     Tolerance: every gradient element within 1e-4 × the largest one. Batch 1 and batch 4 run
     other fp32 conv kernels, and the RL gradient carries 1/σ_t² (σ ≈ 0.02–0.04 at K = 2), which
     amplifies that rounding to ~3e-5 of the largest element; a normalisation error would be O(1).
-    Weights after the AdamW step agree to 1e-5 (lr 1e-3): Adam's first step is lr·g/(|g| + eps).
+    Both runs take exactly one optimizer step. Adam's first step is lr·g/(|g| + eps): ≈ lr·sign(g),
+    ill-conditioned only where |g| is near eps (1e-8), where a 1e-7 rounding difference in g moves
+    the update by a large share of lr (seen in CI: 3 % of lr at one element). So the
+    weights are compared (to 1e-5, lr 1e-3) where the step is well conditioned: |g| ≥ 1000·eps
+    (update within 0.1 % of lr·sign(g)) or g exactly zero in both runs (LoRA A under a zero B).
+    That is ~97 % of the tiny policy's weights; a step per micro-batch would move them by up to 4·lr.
     """
     traj = tiny_trajectory([0, 1], rewards=[[0.2, 0.9], [0.4, 0.1], [0.7, 0.3], [0.5, 0.5]])
     runs = {}
@@ -104,6 +109,7 @@ def test_micro_batching_equals_the_full_batch(tiny_data_config, tiny_trajectory)
         learner = _learner(tiny_data_config, algo={"timestep_fraction": 0.5}, lc={"micro_batch_size": mb})
         grads = _capture_grads(learner)
         m = learner.update(traj)
+        assert len(grads) == 1, f"micro_batch_size={mb} took {len(grads)} optimizer steps"
         runs[mb] = (m, grads[0], _weights(learner))
     (m1, g1, w1), (m4, g4, w4) = runs[1], runs[4]
     for key in ("losses/total", "losses/rl", "losses/sft", "losses/kl", "learner/grad_norm"):
@@ -112,8 +118,16 @@ def test_micro_batching_equals_the_full_batch(tiny_data_config, tiny_trajectory)
     scale = max(float(g.abs().max()) for g in g4)
     for a, b in zip(g1, g4):
         torch.testing.assert_close(a, b, atol=1e-4 * scale, rtol=0)
+    # get_weights() and the learner's params list the same trainable tensors in the same order.
+    assert [w.shape for w in w4.values()] == [g.shape for g in g4]
+    grad4_of, grad1_of = dict(zip(w4, g4)), dict(zip(w1, g1))
+    eps, checked = LearnerConfig().adam_eps, 0
     for name in w1:
-        torch.testing.assert_close(w1[name], w4[name], atol=1e-5, rtol=0)
+        g, g_other = grad4_of[name], grad1_of[name]
+        well_conditioned = (g.abs() >= 1000 * eps) | ((g == 0) & (g_other == 0))
+        checked += int(well_conditioned.sum())
+        torch.testing.assert_close(w1[name][well_conditioned], w4[name][well_conditioned], atol=1e-5, rtol=0)
+    assert checked > 0.9 * sum(w.numel() for w in w1.values())
 
 
 # ------------------------------------------------------------------------------ non-finite
