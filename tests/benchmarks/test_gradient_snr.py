@@ -48,3 +48,51 @@ def test_batch_gradients_are_the_rl_gradient_of_the_untouched_policy():
     flat = batch_gradients(cfg, 2, lambda images: np.full(len(images), 0.5))
     assert flat.shape == grads.shape and float(flat.abs().max()) == 0.0
     assert math.isfinite(gradient_snr(grads, cfg.rollout.batch_size)["rho"])
+
+
+def test_term_signal_by_hand():
+    from benchmarks.gradient_snr import term_signal
+
+    # RL: signal (1, 0) with noise ±(0, 2), noise larger than signal; SFT: (0, 3) without noise.
+    rl = torch.tensor([[1.0, 2.0], [1.0, -2.0]])
+    sft = torch.tensor([[0.0, 3.0], [0.0, 3.0]])
+    t = term_signal(rl, sft)
+    assert t["rl_signal_norm"] is None  # <rl_1, rl_2> = 1 - 4 < 0: no RL signal within its noise
+    assert t["sft_signal_norm"] == pytest.approx(3.0) and t["rl_over_sft_signal"] is None
+    assert t["rl_noise_norm"] == pytest.approx(math.sqrt(5.0 - (-3.0)))  # power 5, cross -3
+    rl = torch.tensor([[2.0, 1.0], [2.0, -1.0]])  # cross 3 -> |mean RL| ≈ √3; power 5 -> noise √2
+    sft = torch.tensor([[-1.0, 0.0], [-1.0, 0.0]])  # |mean SFT| 1, pointing against RL's x
+    t = term_signal(rl, sft)
+    assert t["rl_signal_norm"] == pytest.approx(math.sqrt(3.0)) and t["sft_signal_norm"] == pytest.approx(1.0)
+    assert t["rl_noise_norm"] == pytest.approx(math.sqrt(2.0))
+    assert t["rl_over_sft_signal"] == pytest.approx(math.sqrt(3.0))
+    # <rl_i, sft_j> (i ≠ j) = -2 for both pairs: cos = -2 / (√3 · 1)
+    assert t["rl_sft_signal_cos"] == pytest.approx(-2.0 / math.sqrt(3.0))
+    with pytest.raises(ValueError, match="n >= 2"):
+        term_signal(torch.ones(1, 2), torch.ones(1, 2))
+
+
+def test_split_terms_add_up_to_the_update_and_a_constant_reward_leaves_only_sft():
+    """Each term's gradient alone on the same batch and draws: RL + SFT is the update's gradient
+    (the loss is linear in its terms), and a constant reward leaves the SFT term only."""
+    from common.config import load_config
+    from deploy.demo import DEMO_CONFIG
+
+    cfg = load_config(DEMO_CONFIG, [
+        "data.resolution=32", "data.num_synthetic=4", "data.num_test=1", "rollout.num_inference_steps=2",
+        "rollout.batch_size=4", "rollout.samples_per_input=2", "algorithm.mode=adaptive",
+        "reward.backend=pyiqa", "reward.pyiqa_metric=entropy", "logging.progress=false"])
+    brightness = lambda images: np.asarray(images, dtype=np.float64).mean(axis=(1, 2, 3)) / 255.0
+    parts = batch_gradients(cfg, 2, brightness, split_terms=True)
+    assert set(parts) == {"total", "rl", "sft"} and all(g.shape == parts["total"].shape for g in parts.values())
+    assert float(parts["rl"].norm(dim=1).min()) > 0 and float(parts["sft"].norm(dim=1).min()) > 0
+    scale = float(parts["total"].abs().max())
+    torch.testing.assert_close(parts["rl"] + parts["sft"], parts["total"], atol=1e-5 * scale, rtol=0)
+    # The same batches without splitting: the "total" part is the plain update's gradient.
+    plain = batch_gradients(cfg, 2, brightness)
+    torch.testing.assert_close(parts["total"], plain, atol=1e-6 * scale, rtol=0)
+    flat = batch_gradients(cfg, 2, lambda images: np.full(len(images), 0.5), split_terms=True)
+    assert float(flat["rl"].abs().max()) == 0.0
+    torch.testing.assert_close(flat["sft"], flat["total"], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="does not mix"):
+        batch_gradients(_tiny_cfg(), 2, brightness, split_terms=True)
