@@ -87,7 +87,7 @@ def term_signal(rl: torch.Tensor, sft: torch.Tensor) -> dict[str, float | None]:
     rl_power = float(a.square().sum(dim=1).mean())
     return {
         "rl_signal_norm": rl_sig, "sft_signal_norm": sft_sig,
-        "rl_noise_norm": math.sqrt(max(rl_power - aa, 0.0)),
+        "rl_noise_norm": math.sqrt(max(rl_power - max(aa, 0.0), 0.0)),  # no signal within noise: all noise
         "rl_over_sft_signal": rl_sig / sft_sig if rl_sig is not None and sft_sig else None,
         "rl_sft_signal_cos": ab / (rl_sig * sft_sig) if rl_sig and sft_sig else None,
     }
