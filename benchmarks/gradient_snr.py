@@ -40,6 +40,14 @@ import torch
 from benchmarks._common import emit
 
 
+def _cross_mean(x: torch.Tensor, y: torch.Tensor) -> float:
+    """mean_{i≠j} ⟨x_i, y_j⟩ of two [n, P] stacks: over independent batches, an estimate of
+    ⟨x̄, ȳ⟩ without the batches' own noise."""
+    n = x.shape[0]
+    gram = x @ y.T  # [n, n]
+    return float((gram.sum() - gram.diagonal().sum()) / (n * (n - 1)))
+
+
 def gradient_snr(grads: torch.Tensor, batch_size: int) -> dict[str, float | None]:
     """ρ, the critical batch and the leave-one-out cosine of n independent batch gradients.
 
@@ -51,10 +59,9 @@ def gradient_snr(grads: torch.Tensor, batch_size: int) -> dict[str, float | None
         raise ValueError(f"gradient_snr: expected [n >= 2, P] gradients, got {list(grads.shape)}")
     g = grads.double()
     n = g.shape[0]
-    gram = g @ g.T  # [n, n]
-    power = gram.diagonal().mean()  # mean_i ‖g_i‖²
-    cross = (gram.sum() - gram.diagonal().sum()) / (n * (n - 1))  # mean_{i≠j} ⟨g_i, g_j⟩
-    rho = float(cross / power) if power > 0 else float("nan")
+    power = float(g.square().sum(dim=1).mean())  # mean_i ‖g_i‖²
+    cross = _cross_mean(g, g)  # mean_{i≠j} ⟨g_i, g_j⟩
+    rho = cross / power if power > 0 else float("nan")
     rest = (g.sum(0, keepdim=True) - g) / (n - 1)  # [n, P] mean of the other n − 1
     cos = torch.nn.functional.cosine_similarity(g, rest, dim=1)  # [n]
     return {"rho": rho, "critical_batch": batch_size * (1 - rho) / rho if rho > 0 else None,
@@ -70,26 +77,23 @@ def term_signal(rl: torch.Tensor, sft: torch.Tensor) -> dict[str, float | None]:
     ``rl_signal_norm`` ≈ ‖ḡ_rl‖ and ``sft_signal_norm`` ≈ ‖ḡ_sft‖ (null when the estimate of the
     square is ≤ 0: no signal within noise), ``rl_noise_norm`` ≈ √(tr Σ_rl / B), one batch's RL
     noise, ``rl_over_sft_signal`` (the RL share of the mean step), and ``rl_sft_signal_cos``:
-    whether the two terms' mean directions agree (1), are unrelated (0) or pull apart (−1).
+    whether the two terms' mean directions agree (1), are unrelated (0) or pull apart (−1); and
+    ``rl_rho``, ``sft_rho``, each term's ρ as :func:`gradient_snr` defines it.
     """
     if rl.shape != sft.shape or rl.dim() != 2 or rl.shape[0] < 2:
         raise ValueError(f"term_signal: expected two [n >= 2, P] gradients, got {list(rl.shape)}, {list(sft.shape)}")
     a, b = rl.double(), sft.double()
-    n = a.shape[0]
-
-    def cross(x: torch.Tensor, y: torch.Tensor) -> float:  # mean_{i≠j} ⟨x_i, y_j⟩
-        gram = x @ y.T
-        return float((gram.sum() - gram.diagonal().sum()) / (n * (n - 1)))
-
-    aa, bb, ab = cross(a, a), cross(b, b), cross(a, b)
+    aa, bb, ab = _cross_mean(a, a), _cross_mean(b, b), _cross_mean(a, b)
+    rl_power, sft_power = float(a.square().sum(dim=1).mean()), float(b.square().sum(dim=1).mean())
     rl_sig = math.sqrt(aa) if aa > 0 else None
     sft_sig = math.sqrt(bb) if bb > 0 else None
-    rl_power = float(a.square().sum(dim=1).mean())
     return {
         "rl_signal_norm": rl_sig, "sft_signal_norm": sft_sig,
         "rl_noise_norm": math.sqrt(max(rl_power - max(aa, 0.0), 0.0)),  # no signal within noise: all noise
         "rl_over_sft_signal": rl_sig / sft_sig if rl_sig is not None and sft_sig else None,
         "rl_sft_signal_cos": ab / (rl_sig * sft_sig) if rl_sig and sft_sig else None,
+        "rl_rho": aa / rl_power if rl_power > 0 else float("nan"),
+        "sft_rho": bb / sft_power if sft_power > 0 else float("nan"),
     }
 
 
@@ -189,9 +193,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     split: dict[str, Any] = {}
     if args.split_terms:
         parts, grads = grads, grads["total"]
-        split = {**term_signal(parts["rl"], parts["sft"]),
-                 "rl_rho": gradient_snr(parts["rl"], cfg.rollout.batch_size)["rho"],
-                 "sft_rho": gradient_snr(parts["sft"], cfg.rollout.batch_size)["rho"]}
+        split = term_signal(parts["rl"], parts["sft"])
     a = cfg.algorithm
     figures: dict[str, Any] = {
         **gradient_snr(grads, cfg.rollout.batch_size), **split, "batches": args.batches,

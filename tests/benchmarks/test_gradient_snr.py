@@ -60,6 +60,7 @@ def test_term_signal_by_hand():
     assert t["rl_signal_norm"] is None  # <rl_1, rl_2> = 1 - 4 < 0: no RL signal within its noise
     assert t["sft_signal_norm"] == pytest.approx(3.0) and t["rl_over_sft_signal"] is None
     assert t["rl_noise_norm"] == pytest.approx(math.sqrt(5.0))  # power 5, no signal: all of it noise
+    assert t["rl_rho"] == pytest.approx(-3.0 / 5.0) and t["sft_rho"] == pytest.approx(1.0)
     rl = torch.tensor([[2.0, 1.0], [2.0, -1.0]])  # cross 3 -> |mean RL| ≈ √3; power 5 -> noise √2
     sft = torch.tensor([[-1.0, 0.0], [-1.0, 0.0]])  # |mean SFT| 1, pointing against RL's x
     t = term_signal(rl, sft)
