@@ -50,11 +50,13 @@ test-fast: setup
 bench: setup
 	for b in wire_codec rollout reward_service weight_sync numerics system; do $(PY) -m benchmarks.$$b || exit 1; done
 
-# The CPU study of the paper's comparison (deploy/configs/study_cpu.yaml; about 52 min on 2 cores,
+# The CPU study of the paper's comparison (deploy/configs/study_cpu.yaml; about 60 min on 2 idle cores,
 # with an empty cache): the paper's arms, the trained IQA reward, evaluated on the test split.
 STUDY_ITERATIONS ?= 24
+STUDY_EVAL_SAMPLES ?= 8
 study: setup
 	$(PY) -m deploy.compare --config deploy/configs/study_cpu.yaml --demo --iterations $(STUDY_ITERATIONS) \
+		--eval-samples $(STUDY_EVAL_SAMPLES) \
 		--rows "Base,Base +Diff.SFT,Original,with Rec.,with Iter. RL" --name study
 
 # A run's latest checkpoint as a diffusers StableDiffusionControlNetPipeline folder (README: Export).
