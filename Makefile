@@ -50,7 +50,7 @@ test-fast: setup
 bench: setup
 	for b in wire_codec rollout reward_service weight_sync numerics system; do $(PY) -m benchmarks.$$b || exit 1; done
 
-# The CPU study of the paper's comparison (deploy/configs/study_cpu.yaml; about 60 min on 2 idle cores,
+# The CPU study of the paper's comparison (deploy/configs/study_cpu.yaml; an estimated 60 min on 2 idle cores,
 # with an empty cache): the paper's arms, the trained IQA reward, evaluated on the test split.
 STUDY_ITERATIONS ?= 24
 STUDY_EVAL_SAMPLES ?= 8

@@ -68,6 +68,10 @@ def with_pretrained_tiny_vae(cfg: ExperimentConfig) -> ExperimentConfig:
     return parse_config(data, source="demo config with the pre-trained tiny VAE")
 
 
+# Data fields only the evaluation reads (deploy.evaluate: the test split); training never does.
+EVAL_ONLY_DATA_FIELDS = ("num_test", "test_root")
+
+
 def sft_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The plain-SFT pre-training run that produces the demo's starting policy."""
     data = cfg.model_dump(mode="json")
@@ -85,10 +89,13 @@ def sft_config(cfg: ExperimentConfig) -> ExperimentConfig:
     data["deploy"]["checkpoint_every"] = cfg.learner.sft_steps
     data["deploy"]["max_staleness"] = 0
     data["logging"]["progress"] = cfg.logging.progress
-    keyed = {k: data[k] for k in ("model", "data", "learner")}
+    # The key holds what the pre-training reads: not the evaluation split (``num_test``,
+    # ``test_root``), so a larger evaluation reuses the same starting policy.
+    keyed = json.loads(json.dumps({k: data[k] for k in ("model", "data", "learner")}))
+    for field in EVAL_ONLY_DATA_FIELDS:
+        keyed["data"].pop(field, None)
     vae_dir = keyed["model"]["tiny"].get("vae_dir")
     if vae_dir:  # the VAE's own cache folder name is its recipe hash: the key must not depend on where the checkout is
-        keyed = json.loads(json.dumps(keyed))
         keyed["model"]["tiny"]["vae_dir"] = Path(vae_dir).name
     key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode())
     data["deploy"]["run_name"] = f"sft-{key.hexdigest()[:12]}"

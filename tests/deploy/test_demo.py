@@ -19,6 +19,17 @@ def test_sft_cache_key_names_the_vae_not_the_checkout_path(tmp_path):
     assert a.startswith("sft-")
 
 
+def test_sft_cache_key_ignores_the_evaluation_split():
+    """The test split's size changes what is evaluated, not what is pre-trained: the same SFT run;
+    the training pairs do change it."""
+    def run_name(*overrides):
+        return sft_config(load_config(DEMO_CONFIG, ["model.tiny.vae_dir=/x/vae-581902539732", *overrides])).deploy.run_name
+
+    base = run_name()
+    assert run_name("data.num_test=32") == base
+    assert run_name("data.num_synthetic=128") != base
+
+
 def test_iqa_cache_key_reads_the_vae_by_content_not_by_path(tmp_path):
     from deploy.reward_model import iqa_data_key
 
