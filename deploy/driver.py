@@ -470,6 +470,13 @@ class Driver:
                             for v, n in summary.reward_versions.items():
                                 reward_versions[v] = reward_versions.get(v, 0) + n
                         keep, n_kept = None, B
+                        # Every record carries the traffic, an iteration whose trajectories were all masked too.
+                        record["driver/trajectory_bytes"] = 0
+                        record["rollout/trajectory_bytes"] = sum(s.trajectory_bytes for s in summaries)
+                        record["rollout/reward_wait_s"] = max(s.reward_wait_s for s in summaries)
+                        if reward_versions:
+                            record["reward_model_versions"] = reward_versions
+                            record["reward_model_index"] = self.reward_model_index
                         if cfg.algorithm.uses_rl and cfg.algorithm.reward == "iqa":
                             keep = unscorable_rows(rewards, batch_ids, cfg.reward.max_invalid_fraction, it)
                             masked = B - int(keep.sum())
@@ -487,9 +494,6 @@ class Driver:
                                 self.run.append_metrics(record)
                                 self._at("record", it)
                                 continue
-                        if reward_versions:
-                            record["reward_model_versions"] = reward_versions
-                            record["reward_model_index"] = self.reward_model_index
                         driver_bytes = 0
                         if refresh_every:
                             # Iterative RL labels the policy's reward images here: the one fetch of
@@ -501,8 +505,6 @@ class Driver:
                             driver_bytes += int(images.numel())
                             recent.append((ids_t.repeat_interleave(images.shape[1]), images.flatten(0, 1)))
                         record["driver/trajectory_bytes"] = driver_bytes
-                        record["rollout/trajectory_bytes"] = sum(s.trajectory_bytes for s in summaries)
-                        record["rollout/reward_wait_s"] = max(s.reward_wait_s for s in summaries)
                     self._at("reward", it)
                     learner_version = group.version()
                     staleness = learner_version - batch_version

@@ -266,6 +266,8 @@ def test_unscorable_rewards_are_masked_counted_and_fail_the_run_only_above_the_f
     assert sum(masked) > 0, masked
     for r in recs:
         assert r.get("trajectories", 0) + r["reward/masked"] == 4  # rollout.batch_size
+        # An iteration whose every trajectory is masked makes no update; any other one does.
+        assert ("losses/total" in r) == (r["reward/masked"] < 4), r
     assert recs[-1]["dropped_total"] == sum(masked)
     # Only summaries crossed the driver: the trajectories went worker -> object store -> learner.
     assert all(r["driver/trajectory_bytes"] == 0 and r["rollout/trajectory_bytes"] > 0 for r in recs)
